@@ -1,0 +1,24 @@
+"""densenet_fast: torchvision's DenseNets, trained in a fraction of the memory.
+
+    model = densenet_fast.densenet121()           # instead of torchvision.models.densenet121()
+    model.load_state_dict(tv_model.state_dict())  # same names, both ways
+"""
+from . import reference
+from .convert import convert
+from .memory import peak_memory
+from .models import (
+    DenseNet,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    densenet264,
+    densenet_bc,
+)
+from .ops import available_backends, get_backend_name, set_backend
+
+__all__ = [
+    "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
+    "convert", "reference", "peak_memory", "set_backend", "get_backend_name", "available_backends",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""The dense-block algorithm: a whole dense block (and the transition after it) as one autograd node.
+
+Forward
+    One feature buffer N x (C0 + L*k) x H x W per block. The block input is copied into its first C0
+    channels and every layer writes its k new channels into its own slice: no torch.cat. The batch
+    mean and variance of a buffer channel are computed once, when the channel is written, and reused
+    by every later BN that reads it (each with its own weight, bias, eps and running stats). Saved
+    for backward: the buffer, the per-channel statistics and the small per-layer BN coefficients.
+
+Backward
+    One gradient buffer G of the block's size. Layers are walked in reverse; each recomputes its
+    bottleneck from the buffer and adds ``scale * dy`` into G's prefix. BN's backward through the
+    batch statistics is linear in dy with per-channel coefficients,
+
+        dx = scale * dy + coef_x * (x - mean) + coef_c,
+        coef_x = -scale * invstd * sum(dy * xhat) / M,   coef_c = -scale * sum(dy) / M,
+
+    so the coefficients of every BN that read a channel are summed and applied to G once, when the
+    walk reaches the layer that wrote the channel (all of its readers are done by then).
+
+The arithmetic over tensors goes through the backend's op interface (``ops/interface.py``); this
+module only does per-channel bookkeeping. Layers and transitions are duck-typed modules with
+torchvision's attributes (``norm1, conv1, norm2, conv2, drop_rate`` and ``norm, conv``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import backend_for
+from .ops.interface import Backend, stats_dtype
+
+_PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+_PARAMS_PER_TRANSITION = 3  # norm.weight, norm.bias, conv.weight
+
+
+class Stage:
+    """What one autograd node computes: a dense block's layers, then optionally a transition.
+
+    ``memory_efficient=False`` keeps each layer's bottleneck (conv1 output) for backward instead
+    of recomputing it: more memory, one conv1x1 less per layer in backward.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], transition: Optional[nn.Module], memory_efficient: bool = True):
+        if not layers and transition is None:
+            raise ValueError("a stage needs at least one dense layer or a transition")
+        self.layers = list(layers)
+        self.transition = transition
+        self.memory_efficient = memory_efficient
+        self.in_channels = (
+            self.layers[0].norm1.num_features if self.layers else transition.norm.num_features
+        )
+        self.growth_rate = self.layers[0].conv2.out_channels if self.layers else 0
+
+    def reads_batch_stats(self) -> bool:
+        """Whether any BN reading the buffer normalizes with batch statistics."""
+        norms = [layer.norm1 for layer in self.layers]
+        if self.transition is not None:
+            norms.append(self.transition.norm)
+        return any(_uses_batch_stats(m) for m in norms)
+
+    def params(self) -> list[Optional[Tensor]]:
+        flat: list[Optional[Tensor]] = []
+        for layer in self.layers:
+            flat += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
+                     layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+        if self.transition is not None:
+            t = self.transition
+            flat += [t.norm.weight, t.norm.bias, t.conv.weight]
+        return flat
+
+
+class _BN(NamedTuple):
+    """One BN as the ops see it: relu(x * scale + shift); backward reduces around ``center``."""
+
+    scale: Tensor
+    shift: Tensor
+    center: Tensor
+    invstd: Tensor
+    batch_stats: bool  # normalized with batch statistics (so backward goes through them)
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    # torch.nn.BatchNorm's rule: batch statistics in training, or when no running stats are kept.
+    return norm.training or norm.running_mean is None
+
+
+def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """torch.nn.BatchNorm's update: unbiased variance, ``momentum`` or a cumulative average."""
+    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
+        return
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:
+        factor = 1.0 / float(norm.num_batches_tracked)
+    else:
+        factor = norm.momentum
+    rm, rv = norm.running_mean, norm.running_var
+    rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+    rv.mul_(1.0 - factor).add_((var * (count / (count - 1))).to(rv.dtype), alpha=factor)
+
+
+def _normalize(norm: nn.BatchNorm2d, weight, bias, mean, var, count: int, sdt: torch.dtype) -> _BN:
+    """The BN coefficients of ``norm`` over channels with batch ``mean``/``var``; updates running stats."""
+    if _uses_batch_stats(norm):
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {count} (batch x height x width)"
+            )
+        _update_running_stats(norm, mean, var, count)
+        batch = True
+    else:
+        mean, var = norm.running_mean.to(sdt), norm.running_var.to(sdt)
+        batch = False
+    invstd = torch.rsqrt(var + norm.eps)
+    scale = invstd if weight is None else weight.detach().to(sdt) * invstd
+    shift = -mean * scale if bias is None else bias.detach().to(sdt) - mean * scale
+    return _BN(scale, shift, mean, invstd, batch)
+
+
+def _param_grads(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, weight, bias, dtype):
+    grad_w = (bn.invstd * sum_dy_xc).to(dtype) if weight is not None else None
+    grad_b = sum_dy.to(dtype) if bias is not None else None
+    return grad_w, grad_b
+
+
+def _batch_coefs(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """coef_x, coef_c of the backward through the batch statistics (see the module docstring)."""
+    coef_x = -bn.scale * bn.invstd * bn.invstd * sum_dy_xc / count
+    coef_c = -bn.scale * sum_dy / count
+    return coef_x, coef_c
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]]) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got {shape}")
+    if x.shape[1] != stage.in_channels:
+        raise ValueError(f"expected an input with {stage.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    ref = next(p for p in params if p is not None)
+    if x.dtype != ref.dtype:
+        raise TypeError(f"expected input dtype {ref.dtype} (the parameters' dtype), got {x.dtype}")
+    if x.device != ref.device:
+        raise RuntimeError(f"expected input on {ref.device} (the parameters' device), got {x.device}")
+    if stage.transition is not None and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"a transition pools 2x2: expected H and W of at least 2, got {tuple(x.shape[2:])}")
+
+
+def _forward(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], for_backward: bool):
+    backend = backend_for(x)
+    n, c0, h, w = x.shape
+    k, num_layers = stage.growth_rate, len(stage.layers)
+    channels = c0 + num_layers * k
+    count = n * h * w
+    sdt = stats_dtype(x.dtype)
+    need_stats = stage.reads_batch_stats()
+
+    if num_layers == 0:
+        buf = x
+    else:
+        buf = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+        buf[:, :c0].copy_(x)
+    mean = torch.zeros(channels, dtype=sdt, device=x.device)
+    var = torch.ones(channels, dtype=sdt, device=x.device)
+    if need_stats:
+        mean[:c0], var[:c0] = backend.channel_stats(x)
+
+    records = []  # per layer: (bn1, bn2, dropout keep-mask or None, kept bottleneck or None)
+    for i, layer in enumerate(stage.layers):
+        c = c0 + i * k
+        w1, b1, conv1, w2, b2, conv2 = params[i * _PARAMS_PER_LAYER:(i + 1) * _PARAMS_PER_LAYER]
+        bn1 = _normalize(layer.norm1, w1, b1, mean[:c], var[:c], count, sdt)
+        need_z_stats = _uses_batch_stats(layer.norm2)
+        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1.detach(), need_z_stats)
+        bn2 = _normalize(layer.norm2, w2, b2, z_mean, z_var, count, sdt)
+        noise = None
+        if layer.training and layer.drop_rate > 0:
+            # F.dropout's CPU formula and RNG use, so a seeded run matches torchvision's masks.
+            p = float(layer.drop_rate)
+            noise = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+            noise.div_(1 - p) if p < 1 else noise.zero_()
+        f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2.detach(), buf[:, c:c + k], noise, need_stats)
+        if need_stats:
+            mean[c:c + k], var[c:c + k] = f_mean, f_var
+        if for_backward:
+            keep = noise.ne(0) if noise is not None else None
+            records.append((bn1, bn2, keep, None if stage.memory_efficient else z))
+        del z, noise
+
+    bnt = None
+    out = buf
+    if stage.transition is not None:
+        wt, bt, convt = params[num_layers * _PARAMS_PER_LAYER:]
+        bnt = _normalize(stage.transition.norm, wt, bt, mean, var, count, sdt)
+        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt.detach())
+    return out, buf, mean, records, bnt
+
+
+class _DenseStageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, stage: Stage, *params):
+        out, buf, mean, records, bnt = _forward(x, stage, params, for_backward=True)
+        masks = [r[2] for r in records]
+        zs = [r[3] for r in records]
+        ctx.save_for_backward(buf, mean, *masks, *zs)
+        ctx.stage, ctx.bns, ctx.bnt = stage, [(r[0], r[1]) for r in records], bnt
+        ctx.in_channels, ctx.x_format = x.shape[1], _memory_format(x)
+        ctx.reads_batch_stats = stage.reads_batch_stats()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stage: Stage = ctx.stage
+        num_layers = len(stage.layers)
+        buf, mean, *rest = ctx.saved_tensors
+        masks, zs = rest[:num_layers], rest[num_layers:]
+        needs = ctx.needs_input_grad[2:]
+        backend: Backend = backend_for(buf)
+        n, channels, h, w = buf.shape
+        count = n * h * w
+        k, c0 = stage.growth_rate, ctx.in_channels
+        dtype = buf.dtype
+        grads: list[Optional[Tensor]] = [None] * len(needs)
+        reads_batch_stats = ctx.reads_batch_stats
+        coef_x = torch.zeros_like(mean)
+        coef_c = torch.zeros_like(mean)
+
+        if stage.transition is not None:
+            t, bnt, base = stage.transition, ctx.bnt, num_layers * _PARAMS_PER_LAYER
+            r = backend.bn_relu_pool_conv1x1_backward(
+                grad_out, buf, bnt.scale, bnt.shift, t.conv.weight.detach(), bnt.center, None, needs[base + 2])
+            grad_buf = r.grad_x
+            grads[base], grads[base + 1] = _param_grads(bnt, r.sum_dy, r.sum_dy_xc, t.norm.weight, t.norm.bias, dtype)
+            grads[base + 2] = r.grad_weight
+            if bnt.batch_stats:
+                cx, cc = _batch_coefs(bnt, r.sum_dy, r.sum_dy_xc, count)
+                coef_x += cx
+                coef_c += cc
+            del r
+        else:
+            grad_buf = torch.empty_like(buf)
+            grad_buf.copy_(grad_out)
+
+        for i in reversed(range(num_layers)):
+            layer = stage.layers[i]
+            c, base = c0 + i * k, i * _PARAMS_PER_LAYER
+            new = slice(c, c + k)
+            bn1, bn2 = ctx.bns[i]
+            if reads_batch_stats:
+                # Every reader of channels [c, c+k) is done: apply their batch-statistics terms once.
+                backend.bn_grad_finalize(grad_buf[:, new], buf[:, new], mean[new], coef_x[new], coef_c[new])
+            grad_new = grad_buf[:, new]
+            if masks[i] is not None:
+                p = float(layer.drop_rate)
+                grad_new = grad_new * masks[i] * (1.0 / (1.0 - p) if p < 1 else 0.0)
+            z = zs[i]
+            if z is None:
+                z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, layer.conv1.weight.detach(), False)[0]
+            r2 = backend.bn_relu_conv3x3_backward(
+                grad_new, z, bn2.scale, bn2.shift, layer.conv2.weight.detach(), bn2.center, None, needs[base + 5])
+            del grad_new
+            grads[base + 3], grads[base + 4] = _param_grads(bn2, r2.sum_dy, r2.sum_dy_xc, layer.norm2.weight, layer.norm2.bias, dtype)
+            grads[base + 5] = r2.grad_weight
+            grad_z = r2.grad_x
+            if bn2.batch_stats:
+                backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, r2.sum_dy, r2.sum_dy_xc, count))
+            del z, r2
+            r1 = backend.bn_relu_conv1x1_backward(
+                grad_z, buf[:, :c], bn1.scale, bn1.shift, layer.conv1.weight.detach(), bn1.center,
+                grad_buf[:, :c], needs[base + 2])
+            del grad_z
+            grads[base], grads[base + 1] = _param_grads(bn1, r1.sum_dy, r1.sum_dy_xc, layer.norm1.weight, layer.norm1.bias, dtype)
+            grads[base + 2] = r1.grad_weight
+            if bn1.batch_stats:
+                cx, cc = _batch_coefs(bn1, r1.sum_dy, r1.sum_dy_xc, count)
+                coef_x[:c] += cx
+                coef_c[:c] += cc
+            del r1
+
+        if reads_batch_stats:
+            backend.bn_grad_finalize(grad_buf[:, :c0], buf[:, :c0], mean[:c0], coef_x[:c0], coef_c[:c0])
+        grad_x = grad_buf if num_layers == 0 else grad_buf[:, :c0].clone(memory_format=ctx.x_format)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return (grad_x if ctx.needs_input_grad[0] else None, None, *grads)
+
+
+def dense_stage(x: Tensor, stage: Stage) -> Tensor:
+    """Run ``stage`` on ``x``: the block's feature buffer, or the transition's output if it has one."""
+    params = stage.params()
+    _check_input(x, stage, params)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return _DenseStageFunction.apply(x, stage, *params)
+    with torch.no_grad():
+        return _forward(x, stage, params, for_backward=False)[0]

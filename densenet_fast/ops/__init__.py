@@ -1,0 +1,94 @@
+"""Backend registry: which implementation of the op interface (``interface.py``) runs a block.
+
+``set_backend(name)`` or the environment variable ``DENSENET_FAST_BACKEND`` pins one backend;
+otherwise the best backend available for the tensors' device is used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from .interface import Backend
+from .torch_backend import TorchBackend
+
+# name -> factory; a factory raises ImportError/RuntimeError when the backend can't be used here.
+_FACTORIES: dict[str, Callable[[], Backend]] = {"torch": TorchBackend}
+# Preference order per device type, best first.
+_PREFERENCE = {"cpu": ["cpp", "torch"], "cuda": ["triton", "cpp", "torch"]}
+_ENV_VAR = "DENSENET_FAST_BACKEND"
+
+_instances: dict[str, Backend] = {}
+_unavailable: dict[str, str] = {}
+_selected: Optional[str] = None
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Make a backend selectable by ``name`` (used by the compiled and Triton backends)."""
+    _FACTORIES[name] = factory
+    _instances.pop(name, None)
+    _unavailable.pop(name, None)
+
+
+def _instance(name: str) -> Optional[Backend]:
+    if name in _instances:
+        return _instances[name]
+    if name not in _FACTORIES or name in _unavailable:
+        return None
+    try:
+        _instances[name] = _FACTORIES[name]()
+    except (ImportError, RuntimeError, OSError) as err:
+        _unavailable[name] = str(err)
+        return None
+    return _instances[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this installation."""
+    return [name for name in _FACTORIES if _instance(name) is not None]
+
+
+def _check_name(name: str) -> None:
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"unknown densenet_fast backend {name!r}; expected one of {sorted(_FACTORIES)}"
+        )
+    if _instance(name) is None:
+        raise RuntimeError(
+            f"densenet_fast backend {name!r} is not available here ({_unavailable.get(name, 'unknown reason')}); "
+            f"available backends: {available_backends()}"
+        )
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Pin the backend for every block (``None`` restores automatic choice per device)."""
+    global _selected
+    if name is not None:
+        _check_name(name)
+    _selected = name
+
+
+def get_backend_name() -> Optional[str]:
+    """The pinned backend: set_backend's, else the environment variable's, else None (automatic)."""
+    return _selected if _selected is not None else (os.environ.get(_ENV_VAR) or None)
+
+
+def backend_for(x: Tensor) -> Backend:
+    """The backend that computes on tensors like ``x``; raises if a pinned one can't."""
+    name = get_backend_name()
+    if name is not None:
+        _check_name(name)
+        backend = _instances[name]
+        backend.check_tensors(x)
+        return backend
+    for candidate in _PREFERENCE.get(x.device.type, ["torch"]):
+        backend = _instance(candidate)
+        if backend is None:
+            continue
+        try:
+            backend.check_tensors(x)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        return backend
+    raise RuntimeError(f"no densenet_fast backend can compute on {x.device.type} tensors of dtype {x.dtype}")

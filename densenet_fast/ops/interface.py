@@ -1,0 +1,141 @@
+"""The per-layer op interface that every backend implements.
+
+The block algorithm (``densenet_fast.block``) owns the batch-norm bookkeeping: statistics, running
+stats, the per-channel ``scale``/``shift`` of each BN, and the folding of BN's backward into
+per-channel constants. A backend only provides the fused "affine-ReLU-conv" pieces below, which see
+BN as ``relu(x * scale + shift)`` with one ``scale`` and ``shift`` per input channel.
+
+Conventions shared by every op:
+
+* ``x`` is N x C x H x W and may be a channel-prefix view of a block's feature buffer, so it is not
+  contiguous in general. ``scale``, ``shift`` and ``center`` are 1-D with C entries, in the
+  statistics dtype (float32 for half inputs, else the input dtype).
+* ``dy`` below is the gradient with respect to ``x * scale + shift`` (the BN output), that is the
+  conv's input gradient masked by the ReLU. Backward ops never return ``dy`` itself: they return
+  the two per-channel reductions BN's backward needs, ``sum(dy)`` and ``sum(dy * (x - center))``
+  over N, H, W, and add ``scale * dy`` into the gradient accumulator ``grad_x`` (or return it as a
+  new tensor when ``grad_x`` is None).
+* Normalized activations ``relu(x * scale + shift)`` are recomputed inside the ops and never stored
+  for a whole prefix; how much of them exists at once is the backend's business (a chunk of images,
+  a GEMM tile).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class ConvGrads(NamedTuple):
+    """What a fused BN-ReLU-conv backward returns."""
+
+    grad_x: Tensor  # the accumulator, with scale * dy added
+    grad_weight: Optional[Tensor]  # None when not requested
+    sum_dy: Tensor  # per input channel, statistics dtype
+    sum_dy_xc: Tensor  # sum(dy * (x - center)) per input channel
+
+
+class Backend(ABC):
+    """Base class of the backends. Subclasses implement every method below."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def check_tensors(self, x: Tensor) -> None:
+        """Raise a clear error if this backend cannot compute on tensors like ``x``."""
+
+    @abstractmethod
+    def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and biased variance of ``x`` over N, H, W, in the statistics dtype."""
+
+    @abstractmethod
+    def bn_relu_conv1x1(
+        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``conv1x1(relu(x * scale + shift), weight)``: the bottleneck, a new contiguous tensor.
+
+        With ``with_stats`` also returns the bottleneck's per-channel mean and biased variance,
+        else ``(z, None, None)``.
+        """
+
+    @abstractmethod
+    def bn_relu_conv3x3(
+        self,
+        z: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        weight: Tensor,
+        out: Tensor,
+        noise: Optional[Tensor],
+        with_stats: bool,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Write ``conv3x3(relu(z * scale + shift), weight, padding=1) * noise`` into ``out``.
+
+        ``out`` is the layer's channel slice of the feature buffer; ``noise`` is dropout's scaled
+        mask (or None). With ``with_stats`` returns the written channels' mean and biased variance.
+        """
+
+    @abstractmethod
+    def bn_relu_conv1x1_backward(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        weight: Tensor,
+        center: Tensor,
+        grad_x: Optional[Tensor],
+        need_weight_grad: bool,
+    ) -> ConvGrads:
+        """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``)."""
+
+    @abstractmethod
+    def bn_relu_conv3x3_backward(
+        self,
+        grad_out: Tensor,
+        z: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        weight: Tensor,
+        center: Tensor,
+        grad_x: Optional[Tensor],
+        need_weight_grad: bool,
+    ) -> ConvGrads:
+        """Backward of :meth:`bn_relu_conv3x3`; ``grad_out`` already carries dropout's mask."""
+
+    @abstractmethod
+    def bn_relu_pool_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Tensor:
+        """The transition: ``conv1x1(avg_pool2x2(relu(x * scale + shift)), weight)``.
+
+        Pooling before the conv is the same math as torchvision's conv-then-pool (both are linear
+        and the conv is pointwise) at a quarter of the FLOPs.
+        """
+
+    @abstractmethod
+    def bn_relu_pool_conv1x1_backward(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        weight: Tensor,
+        center: Tensor,
+        grad_x: Optional[Tensor],
+        need_weight_grad: bool,
+    ) -> ConvGrads:
+        """Backward of :meth:`bn_relu_pool_conv1x1`."""
+
+    @abstractmethod
+    def bn_grad_finalize(self, grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor) -> None:
+        """In place: ``grad_x += coef_x * (x - center) + coef_c`` (per-channel coefficients).
+
+        This is the part of BN's backward that goes through the batch statistics, summed over
+        every BN that normalized these channels, applied once per channel.
+        """
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulations stay in float32 for half-precision activations."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

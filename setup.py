@@ -1,0 +1,4 @@
+"""Build script. The package is pure Python today; compiled ops (csrc/) plug in here."""
+from setuptools import setup
+
+setup()
