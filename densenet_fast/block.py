@@ -154,8 +154,7 @@ def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]]) ->
         raise ValueError(f"a transition pools 2x2: expected H and W of at least 2, got {tuple(x.shape[2:])}")
 
 
-def _forward(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], for_backward: bool):
-    backend = backend_for(x)
+def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], for_backward: bool):
     n, c0, h, w = x.shape
     k, num_layers = stage.growth_rate, len(stage.layers)
     channels = c0 + num_layers * k
@@ -207,11 +206,12 @@ def _forward(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], for_ba
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stage: Stage, *params):
-        out, buf, mean, records, bnt = _forward(x, stage, params, for_backward=True)
+        backend = backend_for(x)
+        out, buf, mean, records, bnt = _forward(backend, x, stage, params, for_backward=True)
         masks = [r[2] for r in records]
         zs = [r[3] for r in records]
         ctx.save_for_backward(buf, mean, *masks, *zs)
-        ctx.stage, ctx.bns, ctx.bnt = stage, [(r[0], r[1]) for r in records], bnt
+        ctx.stage, ctx.bns, ctx.bnt, ctx.backend = stage, [(r[0], r[1]) for r in records], bnt, backend
         ctx.in_channels, ctx.x_format = x.shape[1], _memory_format(x)
         ctx.reads_batch_stats = stage.reads_batch_stats()
         return out
@@ -223,7 +223,7 @@ class _DenseStageFunction(torch.autograd.Function):
         buf, mean, *rest = ctx.saved_tensors
         masks, zs = rest[:num_layers], rest[num_layers:]
         needs = ctx.needs_input_grad[2:]
-        backend: Backend = backend_for(buf)
+        backend: Backend = ctx.backend  # the forward's, whatever is pinned now
         n, channels, h, w = buf.shape
         count = n * h * w
         k, c0 = stage.growth_rate, ctx.in_channels
@@ -299,4 +299,4 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return _DenseStageFunction.apply(x, stage, *params)
     with torch.no_grad():
-        return _forward(x, stage, params, for_backward=False)[0]
+        return _forward(backend_for(x), x, stage, params, for_backward=False)[0]

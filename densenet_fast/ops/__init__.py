@@ -13,8 +13,23 @@ from torch import Tensor
 from .interface import Backend
 from .torch_backend import TorchBackend
 
+
+
+def _cpp_backend() -> Backend:
+    # The compiled extension (csrc/); ImportError when the package was installed without it.
+    from .cpp_backend import CppBackend
+
+    return CppBackend()
+
+
+def _triton_backend() -> Backend:
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
 # name -> factory; a factory raises ImportError/RuntimeError when the backend can't be used here.
-_FACTORIES: dict[str, Callable[[], Backend]] = {"torch": TorchBackend}
+_FACTORIES: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "cpp": _cpp_backend, "triton": _triton_backend}
 # Preference order per device type, best first.
 _PREFERENCE = {"cpu": ["cpp", "torch"], "cuda": ["triton", "cpp", "torch"]}
 _ENV_VAR = "DENSENET_FAST_BACKEND"
@@ -39,7 +54,7 @@ def _instance(name: str) -> Optional[Backend]:
     try:
         _instances[name] = _FACTORIES[name]()
     except (ImportError, RuntimeError, OSError) as err:
-        _unavailable[name] = str(err)
+        _unavailable[name] = f"{type(err).__name__}: {err}"
         return None
     return _instances[name]
 

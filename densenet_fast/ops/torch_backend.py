@@ -2,13 +2,14 @@
 
 The prefix's BN-ReLU is recomputed a chunk of images at a time, so the normalized activations that
 exist at once are bounded by a chunk. In an NCHW buffer one image's channel prefix is contiguous,
-which lets ATen's vectorized batch-norm kernels run on it; images are grouped only where one image
-is too small for that to matter.
+which keeps ATen's vectorized batch-norm kernels on their fast path, so a prefix view is walked one
+image at a time; contiguous tensors (bottlenecks, whole buffers) go in larger chunks.
 
 Each elementwise step is one ATen kernel chosen for the fewest passes over memory:
 ``batch_norm`` in inference form computes ``x * scale + shift`` (running mean 0, variance 1, eps 0),
-``threshold_backward`` applies the ReLU mask, and ``native_batch_norm_backward`` in inference form
-gives ``sum(dy)`` and ``sum(dy * (x - center))`` in one pass.
+``threshold_backward`` applies the ReLU mask, ``native_batch_norm_backward`` in inference form gives
+``sum(dy)`` and ``sum(dy * (x - center))`` in one pass, and ``batch_norm_update_stats`` gives a
+tensor's channel statistics. 1x1 convolutions are plain GEMMs over each image's (C, H*W) matrix.
 """
 from __future__ import annotations
 
@@ -20,48 +21,71 @@ from torch import Tensor
 
 from .interface import Backend, ConvGrads, stats_dtype
 
-# Below this many elements per image, images are processed in groups to amortize launch overhead.
-_MIN_CHUNK_ELEMENTS = 1 << 18
+# Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 21
+# A non-contiguous prefix is walked image by image unless an image is smaller than this.
+_SMALL_IMAGE_ELEMENTS = 1 << 16
 
 
 def _chunks(x: Tensor) -> Iterator[slice]:
     per_image = max(1, x[0].numel())
-    step = max(1, _MIN_CHUNK_ELEMENTS // per_image)
+    if x.is_contiguous() or per_image < _SMALL_IMAGE_ELEMENTS:
+        step = max(1, _CHUNK_ELEMENTS // per_image)
+    else:
+        step = 1
     for start in range(0, x.shape[0], step):
         yield slice(start, min(start + step, x.shape[0]))
 
 
-def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(x * scale + shift) for one chunk, as a new tensor in x's dtype."""
-    c = x.shape[1]
-    zeros = torch.zeros(c, dtype=scale.dtype, device=x.device)
-    ones = torch.ones(c, dtype=scale.dtype, device=x.device)
-    y = F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
-    return y.relu_()
+class _Affine:
+    """relu(x * scale + shift) for chunks of one tensor, through batch_norm's inference kernel."""
+
+    def __init__(self, scale: Tensor, shift: Tensor, dtype: torch.dtype):
+        self.scale, self.shift = scale, shift
+        self.zeros = torch.zeros_like(scale)
+        self.ones = torch.ones_like(scale)
+        self.scale4 = scale.to(dtype)[:, None, None]
+
+    def relu(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.zeros, self.ones, self.scale, self.shift, False, 0.0, 0.0).relu_()
 
 
-def _bn_sums(dy: Tensor, x: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum(dy * (x - center)), sum(dy)) per channel, in one pass."""
-    ones = torch.ones(x.shape[1], dtype=center.dtype, device=x.device)
-    _, sum_dy_xc, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        dy, x, ones, center, ones, None, None, False, 0.0, [False, True, True]
-    )
-    return sum_dy_xc, sum_dy
+def _as_matrices(t: Tensor) -> Tensor:
+    """(n, c, h, w) -> (n, c, h*w) view; the caller guarantees contiguity."""
+    return t.view(t.shape[0], t.shape[1], -1)
 
 
-def _add_or_write(dst: Tensor, dy: Tensor, scale4: Tensor, accumulate: bool) -> None:
-    if accumulate:
-        dst.addcmul_(dy, scale4)
+def _conv1x1(y: Tensor, weight: Tensor, out: Tensor) -> None:
+    if y.is_contiguous() and out.is_contiguous():
+        torch.matmul(weight.view(weight.shape[0], -1), _as_matrices(y), out=_as_matrices(out))
     else:
-        torch.mul(dy, scale4, out=dst)
+        out.copy_(F.conv2d(y, weight))
 
 
-def _conv_backward(grad_out: Tensor, y: Tensor, weight: Tensor, padding: int, need_weight_grad: bool):
-    grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, y, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-        [True, need_weight_grad, False],
-    )
-    return grad_y, grad_w
+def _conv1x1_backward(grad_out: Tensor, y: Tensor, weight: Tensor, grad_w: Optional[Tensor]) -> Tensor:
+    """Input gradient of a 1x1 conv; adds the weight gradient into ``grad_w`` when given."""
+    if y.is_contiguous() and grad_out.is_contiguous():
+        w2d = weight.view(weight.shape[0], -1)
+        go = _as_matrices(grad_out)
+        if grad_w is not None:
+            g2d = grad_w.view(w2d.shape)
+            for go_i, y_i in zip(go, _as_matrices(y)):
+                g2d.addmm_(go_i, y_i.t())
+        return torch.matmul(w2d.t(), go).view(y.shape)
+    grad_y, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out, y, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, grad_w is not None, False])
+    if grad_w is not None:
+        grad_w.add_(gw)
+    return grad_y
+
+
+def _finish_dy(dy: Tensor, y: Tensor, x: Tensor, center: Tensor, ones: Tensor, sums: list[Tensor]) -> None:
+    """Mask ``dy`` by the ReLU in place and add its BN reductions into ``sums``."""
+    torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=dy)
+    _, sum_dy_xc, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, ones, center, ones, None, None, False, 0.0, [False, True, True])
+    sums[0] += sum_dy
+    sums[1] += sum_dy_xc
 
 
 class TorchBackend(Backend):
@@ -72,90 +96,96 @@ class TorchBackend(Backend):
             raise TypeError(f"backend 'torch' expects floating-point tensors, got {x.dtype}")
 
     def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
-        return mean, var
+        xs = x.to(stats_dtype(x.dtype))
+        # Two-pass per-channel mean and biased variance, without touching any running stats.
+        return torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats):
-        z = x.new_empty((x.shape[0], weight.shape[0]) + x.shape[2:])
+        z = torch.empty((x.shape[0], weight.shape[0]) + x.shape[2:], dtype=x.dtype, device=x.device)
+        affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
-            z[s] = F.conv2d(_bn_relu(x[s], scale, shift), weight)
+            _conv1x1(affine.relu(x[s]), weight, z[s])
         if not with_stats:
             return z, None, None
         mean, var = self.channel_stats(z)
         return z, mean, var
 
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
-        f = z.new_empty((z.shape[0], weight.shape[0]) + z.shape[2:])
-        for s in _chunks(z):
-            f[s] = F.conv2d(_bn_relu(z[s], scale, shift), weight, padding=1)
+        affine = _Affine(scale, shift, z.dtype)
+        parts = [F.conv2d(affine.relu(z[s]), weight, padding=1) for s in _chunks(z)]
+        f = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts
         if noise is not None:
             f.mul_(noise)
         out.copy_(f)
-        if not with_stats:
-            return None, None
         # Statistics of the new channels while they are contiguous, before they sit in the buffer.
-        return self.channel_stats(f)
-
-    def _bn_relu_conv_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, padding):
-        accumulate = grad_x is not None
-        if grad_x is None:
-            grad_x = torch.empty_like(x)
-        grad_w = None
-        sum_dy = torch.zeros_like(center)
-        sum_dy_xc = torch.zeros_like(center)
-        scale4 = scale.to(x.dtype)[:, None, None]
-        for s in _chunks(x):
-            y = _bn_relu(x[s], scale, shift)
-            dy, gw = _conv_backward(grad_out[s], y, weight, padding, need_weight_grad)
-            if need_weight_grad:
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
-            torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=dy)
-            del y
-            s_xc, s_dy = _bn_sums(dy, x[s], center)
-            sum_dy_xc += s_xc
-            sum_dy += s_dy
-            _add_or_write(grad_x[s], dy, scale4, accumulate)
-        return ConvGrads(grad_x, grad_w, sum_dy, sum_dy_xc)
+        return self.channel_stats(f) if with_stats else (None, None)
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
-        return self._bn_relu_conv_backward(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, 0)
+        affine = _Affine(scale, shift, x.dtype)
+        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        sums = [torch.zeros_like(center), torch.zeros_like(center)]
+        out = torch.empty_like(x) if grad_x is None else grad_x
+        for s in _chunks(x):
+            y = affine.relu(x[s])
+            dy = _conv1x1_backward(grad_out[s], y, weight, grad_w)
+            _finish_dy(dy, y, x[s], center, affine.ones, sums)
+            del y
+            if grad_x is None:
+                torch.mul(dy, affine.scale4, out=out[s])
+            else:
+                out[s].addcmul_(dy, affine.scale4)
+        return ConvGrads(out, grad_w, sums[0], sums[1])
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
-        return self._bn_relu_conv_backward(grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad, 1)
+        affine = _Affine(scale, shift, z.dtype)
+        # The input gradient needs no activations: one transposed conv over the whole batch.
+        dy_all = torch.ops.aten.convolution_backward(
+            grad_out, z, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        sums = [torch.zeros_like(center), torch.zeros_like(center)]
+        for s in _chunks(z):
+            y = affine.relu(z[s])
+            if grad_w is not None:
+                grad_w += torch.ops.aten.convolution_backward(
+                    grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+            dy = dy_all[s]
+            _finish_dy(dy, y, z[s], center, affine.ones, sums)
+            del y
+            if grad_x is None:
+                dy.mul_(affine.scale4)
+            else:
+                grad_x[s].addcmul_(dy, affine.scale4)
+        return ConvGrads(dy_all if grad_x is None else grad_x, grad_w, sums[0], sums[1])
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
         n, _, h, w = x.shape
-        out = x.new_empty((n, weight.shape[0], h // 2, w // 2))
+        out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device)
+        affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
-            out[s] = F.conv2d(F.avg_pool2d(_bn_relu(x[s], scale, shift), 2), weight)
+            _conv1x1(F.avg_pool2d(affine.relu(x[s]), 2), weight, out[s])
         return out
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
-        accumulate = grad_x is not None
-        if grad_x is None:
-            grad_x = torch.empty_like(x)
-        grad_w = None
-        sum_dy = torch.zeros_like(center)
-        sum_dy_xc = torch.zeros_like(center)
-        scale4 = scale.to(x.dtype)[:, None, None]
+        affine = _Affine(scale, shift, x.dtype)
+        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        sums = [torch.zeros_like(center), torch.zeros_like(center)]
+        out = torch.empty_like(x) if grad_x is None else grad_x
         for s in _chunks(x):
-            y = _bn_relu(x[s], scale, shift)
-            pooled = F.avg_pool2d(y, 2)
-            d_pooled, gw = _conv_backward(grad_out[s], pooled, weight, 0, need_weight_grad)
-            del pooled
-            if need_weight_grad:
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
+            y = affine.relu(x[s])
+            d_pooled = _conv1x1_backward(grad_out[s], F.avg_pool2d(y, 2), weight, grad_w)
             dy = torch.ops.aten.avg_pool2d_backward(d_pooled, y, [2, 2], [2, 2], [0, 0], False, True, None)
-            torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=dy)
+            del d_pooled
+            _finish_dy(dy, y, x[s], center, affine.ones, sums)
             del y
-            s_xc, s_dy = _bn_sums(dy, x[s], center)
-            sum_dy_xc += s_xc
-            sum_dy += s_dy
-            _add_or_write(grad_x[s], dy, scale4, accumulate)
-        return ConvGrads(grad_x, grad_w, sum_dy, sum_dy_xc)
+            if grad_x is None:
+                torch.mul(dy, affine.scale4, out=out[s])
+            else:
+                out[s].addcmul_(dy, affine.scale4)
+        return ConvGrads(out, grad_w, sums[0], sums[1])
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
         dt = x.dtype
+        center4, coef_x4, coef_c4 = (t.to(dt)[:, None, None] for t in (center, coef_x, coef_c))
         for s in _chunks(x):
-            xc = torch.sub(x[s], center.to(dt)[:, None, None])
-            grad_x[s].addcmul_(xc, coef_x.to(dt)[:, None, None]).add_(coef_c.to(dt)[:, None, None])
+            grad_x[s].addcmul_(torch.sub(x[s], center4), coef_x4).add_(coef_c4)
