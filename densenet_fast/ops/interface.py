@@ -8,8 +8,10 @@ BN as ``relu(x * scale + shift)`` with one ``scale`` and ``shift`` per input cha
 Conventions shared by every op:
 
 * ``x`` is N x C x H x W and may be a channel-prefix view of a block's feature buffer, so it is not
-  contiguous in general. ``scale``, ``shift`` and ``center`` are 1-D with C entries, in the
-  statistics dtype (float32 for half inputs, else the input dtype).
+  contiguous in general; buffers are NCHW or channels_last. ``scale``, ``shift`` and ``center`` are
+  1-D with C entries, in the statistics dtype (float32 for float16/bfloat16 activations, else the
+  activations' dtype). Conv weights arrive in the activations' dtype (under autocast the block
+  casts them). Returned statistics and reductions are in the statistics dtype.
 * ``dy`` below is the gradient with respect to ``x * scale + shift`` (the BN output), that is the
   conv's input gradient masked by the ReLU. Backward ops never return ``dy`` itself: they return
   the two per-channel reductions BN's backward needs, ``sum(dy)`` and ``sum(dy * (x - center))``
