@@ -181,7 +181,11 @@ def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features
         from torchvision.models import densenet as tv_densenet
         from torchvision.models._utils import _ovewrite_named_param
 
-        weights = weights_enum.verify(weights)
+        try:
+            weights = weights_enum.verify(weights)
+        except KeyError:
+            raise ValueError(f"unknown weights {weights!r}; expected one of "
+                             f"{[str(w) for w in weights_enum]} or None") from None
         _ovewrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
     model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
     if weights is not None:

@@ -1,0 +1,122 @@
+"""The block algorithm on its own: gradcheck, input checks, backend selection."""
+import pytest
+import torch
+
+import densenet_fast
+from densenet_fast import ops
+from densenet_fast.block import Stage, dense_stage
+from densenet_fast.models import _DenseBlock, _Transition
+
+
+def _block_and_transition(dtype=torch.float64):
+    torch.manual_seed(0)
+    block = _DenseBlock(num_layers=2, num_input_features=3, bn_size=2, growth_rate=2, drop_rate=0.0).to(dtype)
+    transition = _Transition(7, 3).to(dtype)
+    for m in list(block.modules()) + list(transition.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return block, transition
+
+
+@pytest.mark.parametrize("with_transition", [False, True])
+def test_gradcheck_tiny_block(with_transition):
+    block, transition = _block_and_transition()
+    holder = torch.nn.ModuleDict({"block": block, "transition": transition})
+    names = [n for n, _ in holder.named_parameters()]
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in holder.parameters()]
+
+    def f(x, *params):
+        stage = block.stage(transition if with_transition else None)
+        return _with_params(holder, names, params, lambda: dense_stage(x, stage))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def _with_params(holder, names, params, fn):
+    """Run fn with holder's parameters replaced by ``params`` (tensors that gradcheck perturbs)."""
+    originals = {}
+    for name, p in zip(names, params):
+        module_name, _, attr = name.rpartition(".")
+        module = holder.get_submodule(module_name)
+        originals[name] = module._parameters[attr]
+        module._parameters[attr] = p
+    try:
+        return fn()
+    finally:
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            holder.get_submodule(module_name)._parameters[attr] = originals[name]
+
+
+def test_block_returns_all_features_and_transition_pools():
+    block, transition = _block_and_transition()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    features = block(x)
+    assert features.shape == (2, 7, 5, 4)
+    torch.testing.assert_close(features[:, :3], x)
+    assert transition(features).shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: torch.randn(2, 5, 8, 8), ValueError, r"expected an input of shape \(N, 3, H, W\), got \(2, 5, 8, 8\)"),
+    (lambda: torch.randn(3, 8, 8), ValueError, r"expected an input of shape \(N, 3, H, W\), got \(3, 8, 8\)"),
+    (lambda: torch.randn(2, 3, 8, 8, dtype=torch.float64), TypeError, r"expected input dtype torch.float32"),
+    (lambda: torch.randint(0, 5, (2, 3, 8, 8)), TypeError, r"expected input dtype torch.float32"),
+])
+def test_model_rejects_bad_input(bad, error, match):
+    model = densenet_fast.DenseNet(4, (1, 1), 8, num_classes=3, small_inputs=True)
+    with pytest.raises(error, match=match):
+        model(bad())
+
+
+def test_block_rejects_bad_input():
+    block, transition = _block_and_transition()
+    with pytest.raises(ValueError, match="expected an input with 3 channels, got 4"):
+        block(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected a 4-D input"):
+        block(torch.randn(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="expected input dtype torch.float64"):
+        block(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="H and W of at least 2"):
+        transition(torch.randn(2, 7, 1, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(torch.randn(1, 3, 1, 1, dtype=torch.float64))
+
+
+def test_backend_selection(monkeypatch):
+    assert "torch" in densenet_fast.available_backends()
+    with pytest.raises(ValueError, match="unknown densenet_fast backend 'nope'"):
+        densenet_fast.set_backend("nope")
+    try:
+        densenet_fast.set_backend("torch")
+        assert densenet_fast.get_backend_name() == "torch"
+    finally:
+        densenet_fast.set_backend(None)
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", "nope")
+    model = densenet_fast.DenseNet(4, (1,), 8, num_classes=3, small_inputs=True)
+    with pytest.raises(ValueError, match="unknown densenet_fast backend 'nope'"):
+        model(torch.randn(2, 3, 4, 4))
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", "torch")
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 3)
+
+
+def test_unavailable_backend_names_what_is_available():
+    def broken():
+        raise ImportError("compiled without it")
+
+    ops.register_backend("broken-for-test", broken)
+    try:
+        assert "broken-for-test" not in densenet_fast.available_backends()
+        with pytest.raises(RuntimeError, match=r"'broken-for-test' is not available here \(ImportError: compiled "
+                                               r"without it\); available backends: \[.*'torch'"):
+            densenet_fast.set_backend("broken-for-test")
+    finally:
+        ops._FACTORIES.pop("broken-for-test")
+
+
+def test_stage_needs_layers_or_transition():
+    with pytest.raises(ValueError, match="at least one dense layer or a transition"):
+        Stage([], None)
