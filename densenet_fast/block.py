@@ -120,10 +120,19 @@ def _normalize(norm: nn.BatchNorm2d, weight, bias, mean, var, count: int, sdt: t
     return _BN(scale, shift, mean, invstd, batch)
 
 
-def _param_grads(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, weight, bias, dtype):
-    grad_w = (bn.invstd * sum_dy_xc).to(dtype) if weight is not None else None
-    grad_b = sum_dy.to(dtype) if bias is not None else None
+def _param_grads(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, weight, bias):
+    grad_w = (bn.invstd * sum_dy_xc).to(weight.dtype) if weight is not None else None
+    grad_b = sum_dy.to(bias.dtype) if bias is not None else None
     return grad_w, grad_b
+
+
+def _w(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A conv weight in the activations' dtype (a cast only under autocast)."""
+    return weight.detach().to(dtype)
+
+
+def _grad_as(grad: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
+    return None if grad is None else grad.to(param.dtype)
 
 
 def _batch_coefs(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -139,14 +148,14 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]]) -> None:
+def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], autocast: bool) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {shape}")
     if x.shape[1] != stage.in_channels:
         raise ValueError(f"expected an input with {stage.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     ref = next(p for p in params if p is not None)
-    if x.dtype != ref.dtype:
+    if not x.is_floating_point() or (x.dtype != ref.dtype and not autocast):
         raise TypeError(f"expected input dtype {ref.dtype} (the parameters' dtype), got {x.dtype}")
     if x.device != ref.device:
         raise RuntimeError(f"expected input on {ref.device} (the parameters' device), got {x.device}")
@@ -178,7 +187,7 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
         w1, b1, conv1, w2, b2, conv2 = params[i * _PARAMS_PER_LAYER:(i + 1) * _PARAMS_PER_LAYER]
         bn1 = _normalize(layer.norm1, w1, b1, mean[:c], var[:c], count, sdt)
         need_z_stats = _uses_batch_stats(layer.norm2)
-        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1.detach(), need_z_stats)
+        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, _w(conv1, x.dtype), need_z_stats)
         bn2 = _normalize(layer.norm2, w2, b2, z_mean, z_var, count, sdt)
         noise = None
         if layer.training and layer.drop_rate > 0:
@@ -186,7 +195,7 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
             p = float(layer.drop_rate)
             noise = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
             noise.div_(1 - p) if p < 1 else noise.zero_()
-        f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2.detach(), buf[:, c:c + k], noise, need_stats)
+        f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, _w(conv2, x.dtype), buf[:, c:c + k], noise, need_stats)
         if need_stats:
             mean[c:c + k], var[c:c + k] = f_mean, f_var
         if for_backward:
@@ -199,7 +208,7 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
     if stage.transition is not None:
         wt, bt, convt = params[num_layers * _PARAMS_PER_LAYER:]
         bnt = _normalize(stage.transition.norm, wt, bt, mean, var, count, sdt)
-        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt.detach())
+        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, _w(convt, x.dtype))
     return out, buf, mean, records, bnt
 
 
@@ -227,7 +236,7 @@ class _DenseStageFunction(torch.autograd.Function):
         n, channels, h, w = buf.shape
         count = n * h * w
         k, c0 = stage.growth_rate, ctx.in_channels
-        dtype = buf.dtype
+        act = buf.dtype  # activations' dtype (the autocast dtype under autocast)
         grads: list[Optional[Tensor]] = [None] * len(needs)
         reads_batch_stats = ctx.reads_batch_stats
         coef_x = torch.zeros_like(mean)
@@ -236,10 +245,10 @@ class _DenseStageFunction(torch.autograd.Function):
         if stage.transition is not None:
             t, bnt, base = stage.transition, ctx.bnt, num_layers * _PARAMS_PER_LAYER
             r = backend.bn_relu_pool_conv1x1_backward(
-                grad_out, buf, bnt.scale, bnt.shift, t.conv.weight.detach(), bnt.center, None, needs[base + 2])
+                grad_out, buf, bnt.scale, bnt.shift, _w(t.conv.weight, act), bnt.center, None, needs[base + 2])
             grad_buf = r.grad_x
-            grads[base], grads[base + 1] = _param_grads(bnt, r.sum_dy, r.sum_dy_xc, t.norm.weight, t.norm.bias, dtype)
-            grads[base + 2] = r.grad_weight
+            grads[base], grads[base + 1] = _param_grads(bnt, r.sum_dy, r.sum_dy_xc, t.norm.weight, t.norm.bias)
+            grads[base + 2] = _grad_as(r.grad_weight, t.conv.weight)
             if bnt.batch_stats:
                 cx, cc = _batch_coefs(bnt, r.sum_dy, r.sum_dy_xc, count)
                 coef_x += cx
@@ -263,22 +272,22 @@ class _DenseStageFunction(torch.autograd.Function):
                 grad_new = grad_new * masks[i] * (1.0 / (1.0 - p) if p < 1 else 0.0)
             z = zs[i]
             if z is None:
-                z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, layer.conv1.weight.detach(), False)[0]
+                z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, _w(layer.conv1.weight, act), False)[0]
             r2 = backend.bn_relu_conv3x3_backward(
-                grad_new, z, bn2.scale, bn2.shift, layer.conv2.weight.detach(), bn2.center, None, needs[base + 5])
+                grad_new, z, bn2.scale, bn2.shift, _w(layer.conv2.weight, act), bn2.center, None, needs[base + 5])
             del grad_new
-            grads[base + 3], grads[base + 4] = _param_grads(bn2, r2.sum_dy, r2.sum_dy_xc, layer.norm2.weight, layer.norm2.bias, dtype)
-            grads[base + 5] = r2.grad_weight
+            grads[base + 3], grads[base + 4] = _param_grads(bn2, r2.sum_dy, r2.sum_dy_xc, layer.norm2.weight, layer.norm2.bias)
+            grads[base + 5] = _grad_as(r2.grad_weight, layer.conv2.weight)
             grad_z = r2.grad_x
             if bn2.batch_stats:
                 backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, r2.sum_dy, r2.sum_dy_xc, count))
             del z, r2
             r1 = backend.bn_relu_conv1x1_backward(
-                grad_z, buf[:, :c], bn1.scale, bn1.shift, layer.conv1.weight.detach(), bn1.center,
+                grad_z, buf[:, :c], bn1.scale, bn1.shift, _w(layer.conv1.weight, act), bn1.center,
                 grad_buf[:, :c], needs[base + 2])
             del grad_z
-            grads[base], grads[base + 1] = _param_grads(bn1, r1.sum_dy, r1.sum_dy_xc, layer.norm1.weight, layer.norm1.bias, dtype)
-            grads[base + 2] = r1.grad_weight
+            grads[base], grads[base + 1] = _param_grads(bn1, r1.sum_dy, r1.sum_dy_xc, layer.norm1.weight, layer.norm1.bias)
+            grads[base + 2] = _grad_as(r1.grad_weight, layer.conv1.weight)
             if bn1.batch_stats:
                 cx, cc = _batch_coefs(bn1, r1.sum_dy, r1.sum_dy_xc, count)
                 coef_x[:c] += cx
@@ -293,10 +302,20 @@ class _DenseStageFunction(torch.autograd.Function):
 
 
 def dense_stage(x: Tensor, stage: Stage) -> Tensor:
-    """Run ``stage`` on ``x``: the block's feature buffer, or the transition's output if it has one."""
+    """Run ``stage`` on ``x``: the block's feature buffer, or the transition's output if it has one.
+
+    Under torch.autocast the activations and conv weights are in the autocast dtype (as
+    torchvision's convs and BNs produce them) while statistics and BN math stay in float32.
+    """
     params = stage.params()
-    _check_input(x, stage, params)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return _DenseStageFunction.apply(x, stage, *params)
-    with torch.no_grad():
-        return _forward(backend_for(x), x, stage, params, for_backward=False)[0]
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    _check_input(x, stage, params, autocast)
+    if autocast:
+        x = x.to(torch.get_autocast_dtype(device_type))
+    # The ops cast for themselves; autocast inside them would re-cast every call (and rejects out=).
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            return _DenseStageFunction.apply(x, stage, *params)
+        with torch.no_grad():
+            return _forward(backend_for(x), x, stage, params, for_backward=False)[0]

@@ -160,7 +160,10 @@ class TorchBackend(Backend):
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
         n, _, h, w = x.shape
-        out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device)
+        # The block's layout carries over to the next block (channels_last stays channels_last).
+        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=layout)
         affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
             _conv1x1(F.avg_pool2d(affine.relu(x[s]), 2), weight, out[s])
