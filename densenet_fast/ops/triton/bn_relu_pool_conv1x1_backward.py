@@ -1,0 +1,35 @@
+"""Backward of the transition's fused BN-ReLU-avgpool2x2-conv1x1.
+
+The kernels are ``bn_relu_conv1x1_backward``'s with ``POOL`` set: the data kernel spreads a quarter
+of each pooled gradient over the four inputs under it, masked by their recomputed ReLU; the weight
+kernel recomputes the pooled normalized input tile by tile. Inputs in the last row or column of an
+odd-sized map feed no output: their gradient is zero (the accumulator starts from zeros when the
+caller gives none).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .bn_relu_conv1x1_backward import conv1x1_backward, conv1x1_backward_ref
+
+
+@torch.library.triton_op("densenet_fast_triton::bn_relu_pool_conv1x1_backward", mutates_args={"grad_x"})
+def bn_relu_pool_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                                  center: Tensor, grad_x: Tensor, accumulate: bool,
+                                  need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``).
+
+    Without ``accumulate`` only the pixels under the pooling windows are written: the caller
+    zeroes ``grad_x`` when H or W is odd.
+    """
+    return conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, True)
+
+
+def bn_relu_pool_conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                                      center: Tensor, grad_x: Optional[Tensor],
+                                      need_weight_grad: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """PyTorch reference: (new grad_x, grad_weight, sum_dy, sum_dy_xc), computed in float64."""
+    return conv1x1_backward_ref(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, True)

@@ -1,0 +1,168 @@
+"""Pieces shared by the fused Triton kernels: tiling conventions, the BN-ReLU prologue, the
+backward epilogue, batch statistics from per-tile partials, and launch helpers.
+
+Tiling. Every kernel walks activations as (image n, tile of BLOCK_P pixels of that image, tile of
+channels). A pixel tile never straddles two images, so ``hw = tile_start + arange`` stays a
+contiguous range and the address of pixel ``hw`` of channel ``c`` is ``n*s_n + c*s_c + hw*s_hw``:
+that holds for NCHW (``s_hw = 1``) and channels_last (``s_hw = C_total``) buffers and their channel
+slices alike, because their H and W strides collapse (``s_h == W * s_w``). Triton specializes
+integer arguments equal to 1, so the contiguous dimension is known at compile time either way.
+
+Statistics. A kernel that produces a tensor whose batch statistics are needed writes, per pixel
+tile and channel, the tile's sum and its sum of squared deviations from the *tile's* mean.
+``finalize_stats`` combines them with Chan's parallel formula, so no sum of squares of raw values
+is ever formed and large means do not cancel the variance away.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+# Data types the kernels compute on; statistics and accumulations are float32 for all of them.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """Whether kernels decorated now run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel):
+    """``kernel`` made traceable by torch.compile; interpreted kernels (CPU tests) run as they are."""
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of tl.dot: float32 follows PyTorch's TF32 switch for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for float16/bfloat16 operands
+
+
+def pow2_block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering ``n``, clamped to [lo, hi] (tl.dot needs dimensions >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def pixel_block(hw: int) -> int:
+    """Pixels per tile: one of three sizes, so few kernel variants are ever compiled."""
+    return 32 if hw <= 32 else 64 if hw <= 1024 else 128
+
+
+def hw_stride(t: Tensor) -> Optional[int]:
+    """The stride of the flattened H*W index of ``t`` (N, C, H, W), or None if H and W don't collapse."""
+    h, w = t.shape[2], t.shape[3]
+    if w == 1:
+        return t.stride(2)
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t.stride(3)
+    return None
+
+
+def collapsible(t: Tensor) -> Tensor:
+    """``t`` itself when its H and W collapse into one index, else a contiguous copy."""
+    return t if hw_stride(t) is not None else t.contiguous()
+
+
+def strides_nchw(t: Tensor) -> tuple[int, int, int]:
+    """(s_n, s_c, s_hw) of a collapsible tensor."""
+    s_hw = hw_stride(t)
+    assert s_hw is not None, "call collapsible() first"
+    return t.stride(0), t.stride(1), s_hw
+
+
+@triton.jit
+def bn_relu(x, scale, shift, valid):
+    """relu(x * scale + shift) in float32, zero where ``valid`` is false (padding, tile overhang)."""
+    y = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    return tl.where(valid, y, 0.0)
+
+
+@triton.jit
+def tile_stats(v, valid, count):
+    """Per-column sum and sum of squared deviations from the tile mean of the ``valid`` entries."""
+    v = tl.where(valid, v, 0.0)
+    total = tl.sum(v, axis=0)
+    dev = tl.where(valid, v - (total / count)[None, :], 0.0)
+    return total, tl.sum(dev * dev, axis=0)
+
+
+@triton.jit
+def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.constexpr):
+    """Masks the data gradient ``acc`` by the ReLU recomputed from ``x``, adds ``scale * dy`` into the
+    gradient accumulator (or stores it), and returns the tile's sum(dy) and sum(dy * (x - center))."""
+    xf = x.to(tl.float32)
+    dy = tl.where(valid & (xf * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
+    g = dy * scale[None, :]
+    if ACCUMULATE:
+        g += tl.load(gx_ptrs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(gx_ptrs, g.to(gx_ptrs.dtype.element_ty), mask=valid)
+    xc = tl.where(valid, xf - center[None, :], 0.0)
+    return tl.sum(dy, axis=0), tl.sum(dy * xc, axis=0)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    psum_ptr, pm2_ptr, mean_ptr, var_ptr,
+    C, T, HW, n_hw_tiles, total,
+    TILE_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        ok = (offs_t < T)[:, None] & c_ok[None, :]
+        acc += tl.sum(tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0), axis=0)
+    mean = acc / total
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        ok = t_ok[:, None] & c_ok[None, :]
+        count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
+        count = tl.where(t_ok, count, 1.0)
+        s = tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        d = s / count[:, None] - mean[None, :]
+        m2 += tl.sum(tl.where(ok, q + count[:, None] * d * d, 0.0), axis=0)
+    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
+    tl.store(var_ptr + offs_c, m2 / total, mask=c_ok)
+
+
+def new_partials(rows: int, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-tile partial buffers (rows x channels, float32); every entry is written by a kernel."""
+    return (torch.empty((rows, channels), dtype=torch.float32, device=device),
+            torch.empty((rows, channels), dtype=torch.float32, device=device))
+
+
+def finalize_stats(psum: Tensor, pm2: Tensor, hw: int, tile_p: int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (float32) from the partials of pixel tiles of ``tile_p`` pixels,
+    row ``n * n_hw_tiles + j`` holding tile j of image n."""
+    rows, channels = psum.shape
+    n_hw_tiles = triton.cdiv(hw, tile_p)
+    mean = torch.empty(channels, dtype=torch.float32, device=psum.device)
+    var = torch.empty_like(mean)
+    block_c = pow2_block(channels, 16, 64)
+    total = float((rows // n_hw_tiles) * hw)
+    launch(_stats_finalize_kernel)[(triton.cdiv(channels, block_c),)](
+        psum, pm2, mean, var, channels, rows, hw, n_hw_tiles, total,
+        TILE_P=tile_p, BLOCK_T=32, BLOCK_C=block_c)
+    return mean, var
+
+
+def ref_stats(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference per-channel mean and biased variance, computed in float64."""
+    var, mean = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
+    return mean.float(), var.float()
+
+
+def ref_bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Reference relu(x * scale + shift) in float64."""
+    return torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])

@@ -1,0 +1,97 @@
+"""The ``triton`` backend: the op interface on the fused Triton kernels of ``ops/triton/``.
+
+Each interface method is one registered op (``torch.ops.densenet_fast_triton.*``); this class only
+adapts the interface's conventions (optional accumulators and outputs) to the ops' fixed signatures.
+It computes on CUDA tensors, and on CPU tensors when the kernels were decorated under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before this module was imported; that is how the tests run).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .interface import Backend, ConvGrads
+
+try:
+    from .triton import (SUPPORTED_DTYPES, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
+                         bn_relu_conv3x3, bn_relu_conv3x3_backward, bn_relu_pool_conv1x1,
+                         bn_relu_pool_conv1x1_backward, channel_stats)
+    from .triton.bn_relu_conv1x1 import _conv1x1_fwd_kernel
+    from triton.runtime.jit import JITFunction
+except ImportError as err:  # the registry turns this into "backend unavailable"
+    raise ImportError(f"the triton backend needs the 'triton' package: {err}") from err
+
+# How the kernels were decorated: interpreted kernels run on CPU tensors (numpy), compiled ones on CUDA.
+_INTERPRETED = not isinstance(_conv1x1_fwd_kernel, JITFunction)
+
+
+def _vec(t: Tensor) -> Tensor:
+    """Per-channel vectors are read with unit stride by the kernels."""
+    return t.contiguous()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        if not _INTERPRETED and not torch.cuda.is_available():
+            raise RuntimeError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)")
+
+    def check_tensors(self, x: Tensor) -> None:
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}")
+        if x.device.type == "cuda":
+            if _INTERPRETED:
+                raise RuntimeError("backend 'triton' was loaded under TRITON_INTERPRET=1; it serves CPU tensors only")
+            return
+        if x.device.type != "cpu":
+            raise RuntimeError(f"backend 'triton' computes on CUDA tensors, got a {x.device.type} tensor")
+        if not _INTERPRETED:
+            raise RuntimeError(
+                "backend 'triton' computes on CUDA tensors; CPU tensors need Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before densenet_fast's triton backend is first imported)")
+        if x.dtype == torch.bfloat16:
+            # Triton's interpreter returns wrong tl.dot results for bfloat16 operands.
+            raise TypeError("backend 'triton' does not compute bfloat16 under Triton's interpreter; use CUDA")
+
+    def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return channel_stats(x)
+
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats):
+        z, mean, var = bn_relu_conv1x1(x, _vec(scale), _vec(shift), weight, with_stats)
+        return (z, mean, var) if with_stats else (z, None, None)
+
+    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
+        mean, var = bn_relu_conv3x3(z, _vec(scale), _vec(shift), weight, out, noise, with_stats)
+        return (mean, var) if with_stats else (None, None)
+
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+        return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
+                              need_weight_grad, zero_fill=False)
+
+    def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
+        return self._backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x,
+                              need_weight_grad, zero_fill=False)
+
+    def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
+        return bn_relu_pool_conv1x1(x, _vec(scale), _vec(shift), weight)
+
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+        # The last row/column of an odd-sized map feeds no pooling window: a new accumulator must
+        # start from zeros there, so it starts from zeros and is accumulated into.
+        odd = x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1
+        return self._backward(bn_relu_pool_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
+                              need_weight_grad, zero_fill=odd)
+
+    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
+        bn_grad_finalize(grad_x, x, _vec(center), _vec(coef_x), _vec(coef_c))
+
+    @staticmethod
+    def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill) -> ConvGrads:
+        accumulate = grad_x is not None
+        if grad_x is None:
+            grad_x = torch.zeros_like(x) if zero_fill else torch.empty_like(x)
+            accumulate = zero_fill
+        grad_w, sum_dy, sum_dy_xc = op(grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate,
+                                     need_weight_grad)
+        return ConvGrads(grad_x, grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)

@@ -1,0 +1,91 @@
+"""The whole model on backend "triton" against the naive reference DenseNet (same state_dict):
+outputs, input gradient, every parameter gradient and the running statistics.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Read when the kernels are decorated, so before densenet_fast's triton backend is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+import densenet_fast
+from densenet_fast.reference import DenseNet as ReferenceDenseNet
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_backend():
+    densenet_fast.set_backend("triton")
+    yield
+    densenet_fast.set_backend(None)
+
+
+def _pair(channels_last: bool, drop_rate: float = 0.0):
+    torch.manual_seed(0)
+    ours = densenet_fast.densenet_bc(depth=10, growth_rate=4, drop_rate=drop_rate)
+    with torch.no_grad():  # non-trivial BN parameters and running stats
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    ref = ReferenceDenseNet(4, (1, 1, 1), 8, num_classes=10, small_inputs=True, drop_rate=drop_rate)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    if channels_last:
+        ours, ref = ours.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+    return ours, ref
+
+
+def _run(model, x, seed=1):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = model(x)
+    torch.manual_seed(2)
+    out.backward(torch.randn_like(out))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("channels_last, drop_rate", [(False, 0.0), (True, 0.0), (False, 0.3)],
+                         ids=["nchw", "channels_last", "dropout"])
+def test_train_step_matches_reference(triton_backend, channels_last, drop_rate):
+    ours, ref = _pair(channels_last, drop_rate)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, gx = _run(ours, x)
+    out_ref, gx_ref = _run(ref, x)
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in ours.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_eval_forward_matches_reference(triton_backend):
+    ours, ref = _pair(False)
+    ours.eval(), ref.eval()
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_backend_serves_only_what_it_can(triton_backend):
+    from densenet_fast.ops import backend_for
+
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    assert backend_for(x).name == "triton"
+    with pytest.raises(TypeError):
+        backend_for(x.double())
