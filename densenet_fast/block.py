@@ -24,6 +24,7 @@ torchvision's attributes (``norm1, conv1, norm2, conv2, drop_rate`` and ``norm, 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -43,9 +44,11 @@ class Stage:
     of recomputing it: more memory, one conv1x1 less per layer in backward.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], transition: Optional[nn.Module], memory_efficient: bool = True):
+    def __init__(self, layers: Sequence[nn.Module], transition: Optional[nn.Module], memory_efficient: bool = True,
+                 name: str = "dense block"):
         if not layers and transition is None:
             raise ValueError("a stage needs at least one dense layer or a transition")
+        self.name = name  # for error messages, e.g. 'features.denseblock2 + features.transition2'
         self.layers = list(layers)
         self.transition = transition
         self.memory_efficient = memory_efficient
@@ -227,6 +230,11 @@ class _DenseStageFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _out_of_memory_names(ctx.stage, ctx.saved_tensors[0], "backward"):
+            return _DenseStageFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         stage: Stage = ctx.stage
         num_layers = len(stage.layers)
         buf, mean, *rest = ctx.saved_tensors
@@ -301,6 +309,24 @@ class _DenseStageFunction(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None, None, *grads)
 
 
+_OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
+
+
+@contextlib.contextmanager
+def _out_of_memory_names(stage: Stage, x: Tensor, phase: str):
+    """Re-raise running out of memory with the block, the batch and what to do about it."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError; so is CPU allocation failure
+        if not any(m in str(err) for m in _OOM_MESSAGES):
+            raise
+        n, _, h, w = x.shape
+        raise type(err)(
+            f"densenet_fast ran out of memory in the {phase} of {stage.name} (batch {n}, {h}x{w}, {x.dtype}); "
+            f"try a smaller batch or a smaller input. Original error: {err}"
+        ) from None
+
+
 def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     """Run ``stage`` on ``x``: the block's feature buffer, or the transition's output if it has one.
 
@@ -314,7 +340,7 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     if autocast:
         x = x.to(torch.get_autocast_dtype(device_type))
     # The ops cast for themselves; autocast inside them would re-cast every call (and rejects out=).
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage, x, "forward"):
         if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
             return _DenseStageFunction.apply(x, stage, *params)
         with torch.no_grad():

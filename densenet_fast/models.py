@@ -57,9 +57,9 @@ class _DenseBlock(nn.ModuleDict):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient)
             self.add_module("denselayer%d" % (i + 1), layer)
 
-    def stage(self, transition: Optional["_Transition"] = None) -> Stage:
+    def stage(self, transition: Optional["_Transition"] = None, name: str = "dense block") -> Stage:
         layers = list(self.values())
-        return Stage(layers, transition, all(layer.memory_efficient for layer in layers))
+        return Stage(layers, transition, all(layer.memory_efficient for layer in layers), name)
 
     def forward(self, init_features: Tensor) -> Tensor:
         """All features of the block, N x (C0 + L*k) x H x W, as torchvision's block returns them."""
@@ -82,14 +82,17 @@ class _Features(nn.Sequential):
     """torchvision's ``features`` Sequential; a block and the transition after it run as one node."""
 
     def forward(self, x: Tensor) -> Tensor:
-        modules = list(self)
+        named = list(self.named_children())
         i = 0
-        while i < len(modules):
-            module = modules[i]
-            following = modules[i + 1] if i + 1 < len(modules) else None
-            if isinstance(module, _DenseBlock) and isinstance(following, _Transition):
-                x = dense_stage(x, module.stage(following))
+        while i < len(named):
+            name, module = named[i]
+            following = named[i + 1] if i + 1 < len(named) else (None, None)
+            if isinstance(module, _DenseBlock) and isinstance(following[1], _Transition):
+                x = dense_stage(x, module.stage(following[1], f"features.{name} + features.{following[0]}"))
                 i += 2
+            elif isinstance(module, _DenseBlock):
+                x = dense_stage(x, module.stage(name=f"features.{name}"))
+                i += 1
             else:
                 x = module(x)
                 i += 1

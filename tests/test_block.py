@@ -120,3 +120,30 @@ def test_unavailable_backend_names_what_is_available():
 def test_stage_needs_layers_or_transition():
     with pytest.raises(ValueError, match="at least one dense layer or a transition"):
         Stage([], None)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_out_of_memory_names_the_block_and_the_model_stays_usable(monkeypatch, phase):
+    model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    backend = ops.backend_for(x)
+    op = "bn_relu_conv3x3" if phase == "forward" else "bn_relu_conv3x3_backward"
+    real = getattr(type(backend), op)
+    calls = {"n": 0}
+
+    def exhausted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second block's first layer (forward) / a later layer (backward)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(backend), op, exhausted)
+    with pytest.raises(torch.OutOfMemoryError, match=r"out of memory in the " + phase + r" of features\.denseblock"
+                       r".*batch 2, \d+x\d+.*try a smaller batch"):
+        model(x).sum().backward()
+    monkeypatch.setattr(type(backend), op, real)
+    model.zero_grad()
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == expected.shape and all(p.grad is not None for p in model.parameters())
