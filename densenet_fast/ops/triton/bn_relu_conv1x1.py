@@ -24,7 +24,7 @@ from .common import (bn_relu, collapsible, dot_precision, finalize_stats, launch
 
 @triton.jit(do_not_specialize=["C_in", "C_out"])
 def _conv1x1_fwd_kernel(
-    x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr,
+    x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, pmean_ptr, pm2_ptr,
     C_in, C_out, HW_out, W_out,
     s_xn, s_xc, s_xh, s_xw,  # without POOL, s_xw is the collapsed H*W stride and s_xh is unused
     s_wo, s_wi, s_on, s_oc, s_ohw,
@@ -65,9 +65,9 @@ def _conv1x1_fwd_kernel(
     tl.store(out_ptr + n.to(tl.int64) * s_on + offs_p[:, None] * s_ohw + offs_co[None, :] * s_oc, out, mask=valid)
     if WITH_STATS:
         count = tl.minimum(BLOCK_P, HW_out - pid_p * BLOCK_P).to(tl.float32)
-        total, m2 = tile_stats(out.to(tl.float32), valid, count)
+        mean, m2 = tile_stats(out.to(tl.float32), valid, tl.arange(0, BLOCK_P) == 0, count)
         row = n * tl.num_programs(0) + pid_p
-        tl.store(psum_ptr + row * C_out + offs_co, total, mask=co_ok)
+        tl.store(pmean_ptr + row * C_out + offs_co, mean, mask=co_ok)
         tl.store(pm2_ptr + row * C_out + offs_co, m2, mask=co_ok)
 
 
@@ -87,9 +87,9 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
     block_p, block_co = pixel_block(ho * wo), pow2_block(c_out, 16, 128)
     grid = (triton.cdiv(ho * wo, block_p), n, triton.cdiv(c_out, block_co))
     rows = grid[0] * n if with_stats else 0
-    psum, pm2 = new_partials(rows, c_out, x.device)
+    pmean, pm2 = new_partials(rows, c_out, x.device)
     launch(_conv1x1_fwd_kernel)[grid](
-        x, scale, shift, weight, out, psum, pm2,
+        x, scale, shift, weight, out, pmean, pm2,
         c_in, c_out, ho * wo, wo, s_xn, s_xc, s_xh, s_xw,
         weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), out.stride(3),
         POOL=pool, WITH_STATS=with_stats, PRECISION=dot_precision(x.dtype),
@@ -97,7 +97,7 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
     if not with_stats:
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
         return out, empty, empty.clone()
-    mean, var = finalize_stats(psum, pm2, ho * wo, block_p)
+    mean, var = finalize_stats(pmean, pm2, ho * wo, block_p)
     return out, mean, var
 
 

@@ -23,7 +23,7 @@ from .common import (bn_relu, collapsible, dot_precision, finalize_stats, launch
 
 @triton.jit(do_not_specialize=["C_in", "C_out"])
 def _conv3x3_fwd_kernel(
-    z_ptr, scale_ptr, shift_ptr, w_ptr, noise_ptr, out_ptr, psum_ptr, pm2_ptr,
+    z_ptr, scale_ptr, shift_ptr, w_ptr, noise_ptr, out_ptr, pmean_ptr, pm2_ptr,
     C_in, C_out, H, W,
     s_zn, s_zc, s_zhw, s_wo, s_wi, s_wh, s_ww, s_nn, s_nc, s_nhw, s_on, s_oc, s_ohw,
     HAS_NOISE: tl.constexpr, WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
@@ -67,9 +67,9 @@ def _conv3x3_fwd_kernel(
     tl.store(out_ptr + n * s_on + offs_p[:, None] * s_ohw + offs_co[None, :] * s_oc, out, mask=valid)
     if WITH_STATS:
         count = tl.minimum(BLOCK_P, HW - pid_p * BLOCK_P).to(tl.float32)
-        total, m2 = tile_stats(out.to(tl.float32), valid, count)
+        mean, m2 = tile_stats(out.to(tl.float32), valid, tl.arange(0, BLOCK_P) == 0, count)
         row = n * tl.num_programs(0) + pid_p
-        tl.store(psum_ptr + row * C_out + offs_co, total, mask=co_ok)
+        tl.store(pmean_ptr + row * C_out + offs_co, mean, mask=co_ok)
         tl.store(pm2_ptr + row * C_out + offs_co, m2, mask=co_ok)
 
 
@@ -83,14 +83,14 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
     target = out if collapsible(out) is out else out.contiguous()
     block_p, block_co = pixel_block(h * w), pow2_block(c_out, 16, 64)
     grid = (triton.cdiv(h * w, block_p), n, triton.cdiv(c_out, block_co))
-    psum, pm2 = new_partials(grid[0] * n if with_stats else 0, c_out, z.device)
+    pmean, pm2 = new_partials(grid[0] * n if with_stats else 0, c_out, z.device)
     if noise is not None:
         noise = collapsible(noise)
         s_noise = strides_nchw(noise)
     else:
         s_noise = (0, 0, 0)
     launch(_conv3x3_fwd_kernel)[grid](
-        z, scale, shift, weight, noise if noise is not None else target, target, psum, pm2,
+        z, scale, shift, weight, noise if noise is not None else target, target, pmean, pm2,
         c_in, c_out, h, w, *strides_nchw(z), *weight.stride(), *s_noise, *strides_nchw(target),
         HAS_NOISE=noise is not None, WITH_STATS=with_stats, PRECISION=dot_precision(z.dtype),
         BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32, num_warps=4)
@@ -99,7 +99,7 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
     if not with_stats:
         empty = torch.empty(0, dtype=torch.float32, device=z.device)
         return empty, empty.clone()
-    return finalize_stats(psum, pm2, h * w, block_p)
+    return finalize_stats(pmean, pm2, h * w, block_p)
 
 
 def bn_relu_conv3x3_ref(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,

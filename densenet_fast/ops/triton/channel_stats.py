@@ -19,7 +19,7 @@ _TILE_P = 256
 
 @triton.jit(do_not_specialize=["C"])
 def _channel_stats_kernel(
-    x_ptr, psum_ptr, pm2_ptr, C, HW, s_n, s_c, s_hw,
+    x_ptr, pmean_ptr, pm2_ptr, C, HW, s_n, s_c, s_hw,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -30,9 +30,9 @@ def _channel_stats_kernel(
     valid = (offs_p < HW)[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + n * s_n + offs_p[:, None] * s_hw + offs_c[None, :] * s_c, mask=valid, other=0.0)
     count = tl.minimum(BLOCK_P, HW - pid_p * BLOCK_P).to(tl.float32)
-    total, m2 = tile_stats(x.to(tl.float32), valid, count)
+    mean, m2 = tile_stats(x.to(tl.float32), valid, tl.arange(0, BLOCK_P) == 0, count)
     row = n * tl.num_programs(0) + pid_p
-    tl.store(psum_ptr + row * C + offs_c, total, mask=c_ok)
+    tl.store(pmean_ptr + row * C + offs_c, mean, mask=c_ok)
     tl.store(pm2_ptr + row * C + offs_c, m2, mask=c_ok)
 
 
@@ -45,10 +45,10 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     tile_p = min(_TILE_P, triton.next_power_of_2(hw))
     block_c = pow2_block(c, 16, 32)
     grid = (triton.cdiv(hw, tile_p), n, triton.cdiv(c, block_c))
-    psum, pm2 = new_partials(grid[0] * n, c, x.device)
-    launch(_channel_stats_kernel)[grid](x, psum, pm2, c, hw, *strides_nchw(x),
+    pmean, pm2 = new_partials(grid[0] * n, c, x.device)
+    launch(_channel_stats_kernel)[grid](x, pmean, pm2, c, hw, *strides_nchw(x),
                                         BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
-    return finalize_stats(psum, pm2, hw, tile_p)
+    return finalize_stats(pmean, pm2, hw, tile_p)
 
 
 def channel_stats_ref(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -85,12 +85,18 @@ def bn_relu(x, scale, shift, valid):
 
 
 @triton.jit
-def tile_stats(v, valid, count):
-    """Per-column sum and sum of squared deviations from the tile mean of the ``valid`` entries."""
-    v = tl.where(valid, v, 0.0)
-    total = tl.sum(v, axis=0)
-    dev = tl.where(valid, v - (total / count)[None, :], 0.0)
-    return total, tl.sum(dev * dev, axis=0)
+def tile_stats(v, valid, first_row, count):
+    """Per-column mean and sum of squared deviations from that mean over the ``valid`` rows
+    (``first_row`` marks the tile's first row, which is always valid).
+
+    Sums are taken of deviations from the tile's first row, so a large mean costs no precision: the
+    mean is accurate to about an ulp of itself, and the variance to float32 of the deviations.
+    """
+    first = tl.sum(tl.where(valid & first_row[:, None], v, 0.0), axis=0)
+    dev = tl.where(valid, v - first[None, :], 0.0)
+    mean_dev = tl.sum(dev, axis=0) / count
+    centered = tl.where(valid, dev - mean_dev[None, :], 0.0)
+    return first + mean_dev, tl.sum(centered * centered, axis=0)
 
 
 @triton.jit
@@ -109,28 +115,33 @@ def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.con
 
 @triton.jit
 def _stats_finalize_kernel(
-    psum_ptr, pm2_ptr, mean_ptr, var_ptr,
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr,
     C, T, HW, n_hw_tiles, total,
     TILE_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
+    # The mean as the first tile's mean plus the count-weighted deviations of every tile's mean
+    # from it: no sum of raw values is ever formed.
+    m0 = tl.load(pmean_ptr + offs_c, mask=c_ok, other=0.0)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        ok = (offs_t < T)[:, None] & c_ok[None, :]
-        acc += tl.sum(tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0), axis=0)
-    mean = acc / total
+        t_ok = offs_t < T
+        ok = t_ok[:, None] & c_ok[None, :]
+        count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
+        m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        acc += tl.sum(tl.where(ok, count[:, None] * (m - m0[None, :]), 0.0), axis=0)
+    mean = m0 + acc / total
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         ok = t_ok[:, None] & c_ok[None, :]
         count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
-        count = tl.where(t_ok, count, 1.0)
-        s = tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
         q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
-        d = s / count[:, None] - mean[None, :]
+        d = m - mean[None, :]
         m2 += tl.sum(tl.where(ok, q + count[:, None] * d * d, 0.0), axis=0)
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + offs_c, m2 / total, mask=c_ok)
@@ -142,17 +153,17 @@ def new_partials(rows: int, channels: int, device: torch.device) -> tuple[Tensor
             torch.empty((rows, channels), dtype=torch.float32, device=device))
 
 
-def finalize_stats(psum: Tensor, pm2: Tensor, hw: int, tile_p: int) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (float32) from the partials of pixel tiles of ``tile_p`` pixels,
-    row ``n * n_hw_tiles + j`` holding tile j of image n."""
-    rows, channels = psum.shape
+def finalize_stats(pmean: Tensor, pm2: Tensor, hw: int, tile_p: int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (float32) from the partials (tile mean, tile M2) of pixel tiles of
+    ``tile_p`` pixels, row ``n * n_hw_tiles + j`` holding tile j of image n."""
+    rows, channels = pmean.shape
     n_hw_tiles = triton.cdiv(hw, tile_p)
-    mean = torch.empty(channels, dtype=torch.float32, device=psum.device)
+    mean = torch.empty(channels, dtype=torch.float32, device=pmean.device)
     var = torch.empty_like(mean)
     block_c = pow2_block(channels, 16, 64)
     total = float((rows // n_hw_tiles) * hw)
     launch(_stats_finalize_kernel)[(triton.cdiv(channels, block_c),)](
-        psum, pm2, mean, var, channels, rows, hw, n_hw_tiles, total,
+        pmean, pm2, mean, var, channels, rows, hw, n_hw_tiles, total,
         TILE_P=tile_p, BLOCK_T=32, BLOCK_C=block_c)
     return mean, var
 

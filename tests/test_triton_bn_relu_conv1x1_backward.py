@@ -1,0 +1,70 @@
+"""bn_relu_conv1x1_backward (Triton) against bn_relu_conv1x1_backward_ref: the accumulated input
+gradient of a prefix view, the weight gradient and the two BN reductions."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
+
+import pytest
+
+from densenet_fast.ops.triton import bn_relu_conv1x1_backward, bn_relu_conv1x1_backward_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [
+    (torch.float32, 1e-4, 1e-4),
+    (torch.float16, 1e-2, 1e-2),
+    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
+]
+# (N, buffer channels, input channels, output channels, H, W)
+SHAPES = [(1, 13, 13, 11, 5, 7), (2, 29, 19, 20, 3, 3), (2, 80, 70, 90, 9, 11)]
+
+
+def _layout(t, channels_last):
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _inputs(shape, dtype, channels_last):
+    n, c_buf, c_in, c_out, h, w = shape
+    x = _layout(torch.randn(n, c_buf, h, w, device=DEVICE).to(dtype), channels_last)[:, :c_in]
+    sign = torch.where(torch.rand(c_in) < 0.2, -1.0, 1.0)
+    scale = (sign * torch.empty(c_in).uniform_(0.5, 1.5)).to(DEVICE)
+    shift = (0.5 * torch.randn(c_in)).to(DEVICE)
+    center = (0.1 * torch.randn(c_in)).to(DEVICE)
+    weight = (torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5).to(dtype)
+    grad_out = (torch.randn(n, c_out, h, w, device=DEVICE) / (n * h * w) ** 0.5).to(dtype)
+    grad_buf = _layout(torch.randn(n, c_buf, h, w, device=DEVICE).to(dtype), channels_last)
+    return grad_out, x, scale, shift, weight, center, grad_buf
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_accumulates_into_prefix(shape, channels_last, dtype, atol, rtol):
+    torch.manual_seed(0)
+    grad_out, x, scale, shift, weight, center, grad_buf = _inputs(shape, dtype, channels_last)
+    c_in = x.shape[1]
+    before = grad_buf.clone()
+    gx_ref, gw_ref, s_ref, sxc_ref = bn_relu_conv1x1_backward_ref(grad_out, x, scale, shift, weight, center,
+                                                                   grad_buf[:, :c_in], True)
+    gw, s, sxc = bn_relu_conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_buf[:, :c_in], True, True)
+    torch.testing.assert_close(grad_buf[:, :c_in], gx_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_buf[:, c_in:], before[:, c_in:], atol=0, rtol=0)  # beyond the prefix: untouched
+    assert gw.dtype == dtype and s.dtype == sxc.dtype == torch.float32
+    torch.testing.assert_close(gw, gw_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(s, s_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(sxc, sxc_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_new_gradient_without_weight_grad(channels_last):
+    torch.manual_seed(1)
+    grad_out, x, scale, shift, weight, center, _ = _inputs((2, 21, 15, 6, 7, 5), torch.float32, channels_last)
+    grad_x = torch.empty_like(x)
+    gw, s, sxc = bn_relu_conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_x, False, False)
+    gx_ref, _, s_ref, sxc_ref = bn_relu_conv1x1_backward_ref(grad_out, x, scale, shift, weight, center, None, False)
+    assert gw.numel() == 0
+    torch.testing.assert_close(grad_x, gx_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sxc, sxc_ref, atol=1e-4, rtol=1e-4)

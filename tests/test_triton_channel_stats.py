@@ -1,0 +1,49 @@
+"""channel_stats (Triton) against channel_stats_ref: per-channel mean and biased variance of prefix
+views and slices of NCHW / channels_last buffers, and a large mean that would cancel a naive
+sum-of-squares variance."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
+
+import pytest
+
+from densenet_fast.ops.triton import channel_stats, channel_stats_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 1e-3, 1e-3),  # statistics of the same float16 values, accumulated in float32
+    pytest.param(torch.bfloat16, 1e-3, 1e-3, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
+]
+# (N, buffer channels, channel offset, channels, H, W): several pixel tiles (23 x 25 > 256).
+SHAPES = [(1, 5, 0, 5, 3, 5), (2, 40, 3, 37, 23, 25), (3, 17, 0, 12, 1, 7)]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_ref(shape, channels_last, dtype, atol, rtol):
+    torch.manual_seed(0)
+    n, c_buf, offset, c, h, w = shape
+    buf = (torch.randn(n, c_buf, h, w, device=DEVICE) * 2 + 0.5).to(dtype)
+    if channels_last:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    x = buf[:, offset:offset + c]
+    mean, var = channel_stats(x)
+    mean_ref, var_ref = channel_stats_ref(x)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean, mean_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(var, var_ref, atol=atol, rtol=rtol)
+
+
+def test_large_mean_does_not_cancel():
+    torch.manual_seed(1)
+    x = (1000.0 + 0.01 * torch.randn(4, 3, 20, 20, device=DEVICE))
+    mean, var = channel_stats(x)
+    mean_ref, var_ref = channel_stats_ref(x)
+    # float32 sum-of-squares would lose the 1e-4 variance entirely (1e6 * 2**-24 ~ 0.06)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(var, var_ref, atol=0, rtol=1e-3)
