@@ -1,0 +1,477 @@
+// The fused layer ops on CPU: BN-ReLU prologues recomputed tile by tile next to ATen's GEMMs.
+//
+// A tile is a run of pixels of one image. Its normalized activations relu(x * scale + shift)
+// are written into a per-thread buffer of about kTileElements and multiplied through at::mm,
+// so the only transient the size of the input is one tile per thread. Tiles are split into
+// one contiguous slot per thread; each slot keeps its partial sums (and weight gradient) and
+// the slots are merged in order, so results don't depend on scheduling. ATen's GEMM runs
+// single-threaded inside the slots (MKL/OpenBLAS don't nest inside an OpenMP region).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_loops.h"
+#include "dense_ops.h"
+
+namespace densenet_fast {
+
+using namespace cpu;
+
+namespace {
+
+// Normalized activations per tile buffer (512 KiB of float32: stays in L2 next to the GEMM).
+constexpr int64_t kTileElements = 1 << 17;
+// Normalized activations per chunk of images for the 3x3 conv, which ATen runs whole.
+constexpr int64_t kChunkElements = 1 << 21;
+
+// (C, P) matrix of image n of a 4-D activation: the operand/result the GEMMs see.
+Tensor image_matrix(const Tensor& t, const ActivationLayout& l, int64_t n) {
+  return t.as_strided({l.channels, l.pixels}, {l.channel_stride, l.pixel_stride}, t.storage_offset() + n * l.batch_stride);
+}
+
+// Split of a batch into tiles of consecutive units (pixels, or output rows for the pooling
+// transition) of one image, `per_image` equal parts per image.
+struct Tiles {
+  int64_t units, per_image;
+  int64_t count(int64_t batch) const { return batch * per_image; }
+  int64_t begin(int64_t t) const { return units * (t % per_image) / per_image; }
+  int64_t end(int64_t t) const { return units * (t % per_image + 1) / per_image; }
+  int64_t max_length() const { return (units + per_image - 1) / per_image; }
+};
+
+Tiles make_tiles(int64_t units, int64_t elements_per_unit) {
+  const int64_t per_tile = std::max<int64_t>(1, kTileElements / std::max<int64_t>(1, elements_per_unit));
+  return {units, std::max<int64_t>(1, (units + per_tile - 1) / per_tile)};
+}
+
+// A thread's tile of normalized activations, C x length, laid out like the input walks
+// (rows of pixels per channel for NCHW, rows of channels per pixel for channels_last).
+struct TileBuffer {
+  Tensor storage;
+  bool channels_inner;
+  int64_t channels, capacity;
+
+  TileBuffer(const Tensor& like, bool ci, int64_t c, int64_t cap)
+      : storage(ci ? at::empty({cap, c}, like.options()) : at::empty({c, cap}, like.options())),
+        channels_inner(ci), channels(c), capacity(cap) {}
+  // The C x length matrix of the first `length` pixels.
+  Tensor matrix(int64_t length) const {
+    return channels_inner ? storage.narrow(0, 0, length).t() : storage.narrow(1, 0, length);
+  }
+  template <typename scalar_t>
+  scalar_t* row(int64_t r) const {
+    return storage.mutable_data_ptr<scalar_t>() + r * (channels_inner ? channels : capacity);
+  }
+};
+
+// Per-slot channel sums of a backward, merged in slot order at the end.
+struct SlotSums {
+  int64_t channels;
+  std::vector<double> data;
+  SlotSums(int64_t slots, int64_t c) : channels(c), data(2 * slots * c, 0.0) {}
+  ChannelSums slot(int64_t s) { return {data.data() + 2 * s * channels, data.data() + (2 * s + 1) * channels}; }
+  std::tuple<Tensor, Tensor> totals(const Tensor& x) const {
+    const int64_t slots = static_cast<int64_t>(data.size()) / (2 * channels);
+    auto options = x.options().dtype(at::kDouble);
+    Tensor dy = at::zeros({channels}, options), dy_xc = at::zeros({channels}, options);
+    double* a = dy.mutable_data_ptr<double>();
+    double* b = dy_xc.mutable_data_ptr<double>();
+    for (int64_t s = 0; s < slots; ++s) {
+      for (int64_t c = 0; c < channels; ++c) {
+        a[c] += data[2 * s * channels + c];
+        b[c] += data[(2 * s + 1) * channels + c];
+      }
+    }
+    const auto dtype = stats_dtype(x.scalar_type());
+    return {dy.to(dtype), dy_xc.to(dtype)};
+  }
+};
+
+// Adds one row's RowSums into a slot's per-channel sums.
+inline void add_row_sums(ChannelSums& slot, int64_t c, const RowSums& row) {
+  slot.dy[c] += row.total_dy();
+  slot.dy_xc[c] += row.total_dy_xc();
+}
+
+// Normalizes pixels [p0, p0 + length) of image n of x into `buf`.
+template <typename scalar_t>
+void fill_tile(const TileBuffer& buf, const Tensor& x, const ActivationLayout& l, int64_t n, int64_t p0, int64_t length,
+               const Tensor& scale, const Tensor& shift) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const opmath_t* sc = scale.const_data_ptr<opmath_t>();
+  const opmath_t* sh = shift.const_data_ptr<opmath_t>();
+  if (buf.channels_inner) {
+    for (int64_t j = 0; j < length; ++j) {
+      affine_relu_row(xd + row_offset(l, true, n, p0 + j), buf.row<scalar_t>(j), l.channels, PerElement<opmath_t>{sc},
+                      PerElement<opmath_t>{sh});
+    }
+  } else {
+    for (int64_t c = 0; c < l.channels; ++c) {
+      affine_relu_row(xd + row_offset(l, false, n, c) + p0, buf.row<scalar_t>(c), length, Broadcast<opmath_t>{sc[c]},
+                      Broadcast<opmath_t>{sh[c]});
+    }
+  }
+}
+
+// Mask, reductions and grad_x (+)= scale * dy for pixels [p0, p0 + length) of image n, where
+// `dy_buf` holds the ReLU output's gradient of the tile.
+template <bool kAccumulate, typename scalar_t>
+void backward_tile(const TileBuffer& dy_buf, const Tensor& x, const ActivationLayout& lx, const Tensor& grad_x,
+                   const ActivationLayout& lg, int64_t n, int64_t p0, int64_t length, const Tensor& scale,
+                   const Tensor& shift, const Tensor& center, ChannelSums& sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* gd = grad_x.mutable_data_ptr<scalar_t>();
+  const opmath_t* sc = scale.const_data_ptr<opmath_t>();
+  const opmath_t* sh = shift.const_data_ptr<opmath_t>();
+  const opmath_t* ce = center.const_data_ptr<opmath_t>();
+  if (dy_buf.channels_inner) {
+    for (int64_t j = 0; j < length; ++j) {
+      bn_relu_backward_row<kAccumulate>(dy_buf.row<scalar_t>(j), xd + row_offset(lx, true, n, p0 + j),
+                                        gd + row_offset(lg, true, n, p0 + j), lx.channels, PerElement<opmath_t>{sc},
+                                        PerElement<opmath_t>{sh}, PerElement<opmath_t>{ce}, sums);
+    }
+  } else {
+    for (int64_t c = 0; c < lx.channels; ++c) {
+      RowSums row;
+      bn_relu_backward_row<kAccumulate>(dy_buf.row<scalar_t>(c), xd + row_offset(lx, false, n, c) + p0,
+                                        gd + row_offset(lg, false, n, c) + p0, length, Broadcast<opmath_t>{sc[c]},
+                                        Broadcast<opmath_t>{sh[c]}, Broadcast<opmath_t>{ce[c]}, row);
+      add_row_sums(sums, c, row);
+    }
+  }
+}
+
+// Normalizes and 2x2-average-pools output rows [r0, r1) of image n of x into `buf`, with the
+// terms summed in avg_pool2d's order ((0,0), (0,1), (1,0), (1,1)).
+template <typename scalar_t>
+void fill_pooled_tile(const TileBuffer& buf, const Tensor& x, const ActivationLayout& l, int64_t n, int64_t r0,
+                      int64_t r1, const Tensor& scale, const Tensor& shift) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t width = x.size(3), out_width = width / 2;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const opmath_t* sc = scale.const_data_ptr<opmath_t>();
+  const opmath_t* sh = shift.const_data_ptr<opmath_t>();
+  const opmath_t quarter = opmath_t(0.25);
+  if (buf.channels_inner) {
+    const int64_t sw = l.pixel_stride, sh_row = width * l.pixel_stride;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t wo = 0; wo < out_width; ++wo) {
+        const scalar_t* __restrict__ a = xd + row_offset(l, true, n, 2 * r * width + 2 * wo);
+        scalar_t* __restrict__ y = buf.row<scalar_t>((r - r0) * out_width + wo);
+        for (int64_t c = 0; c < l.channels; ++c) {
+          opmath_t sum = affine_relu<opmath_t>(static_cast<opmath_t>(a[c]), sc[c], sh[c]) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(a[c + sw]), sc[c], sh[c]) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(a[c + sh_row]), sc[c], sh[c]) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(a[c + sh_row + sw]), sc[c], sh[c]);
+          y[c] = static_cast<scalar_t>(sum * quarter);
+        }
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < l.channels; ++c) {
+      const opmath_t s = sc[c], b = sh[c];
+      const scalar_t* base = xd + row_offset(l, false, n, c);
+      scalar_t* __restrict__ y = buf.row<scalar_t>(c);
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict__ top = base + 2 * r * width;
+        const scalar_t* __restrict__ bottom = top + width;
+        scalar_t* __restrict__ yr = y + (r - r0) * out_width;
+        for (int64_t wo = 0; wo < out_width; ++wo) {
+          opmath_t sum = affine_relu<opmath_t>(static_cast<opmath_t>(top[2 * wo]), s, b) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(top[2 * wo + 1]), s, b) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(bottom[2 * wo]), s, b) +
+                         affine_relu<opmath_t>(static_cast<opmath_t>(bottom[2 * wo + 1]), s, b);
+          yr[wo] = static_cast<scalar_t>(sum * quarter);
+        }
+      }
+    }
+  }
+}
+
+// BN-ReLU backward of the input rows under output rows [r0, r1) of image n (plus the unpooled
+// last row of an odd height when r1 is the last output row). `dpool_buf` holds the pooled
+// gradient already divided by 4; pixels outside the 2x2 windows get dy = 0.
+template <bool kAccumulate, typename scalar_t>
+void pooled_backward_tile(const TileBuffer& dpool_buf, std::vector<scalar_t>& scratch, const Tensor& x,
+                          const ActivationLayout& lx, const Tensor& grad_x, const ActivationLayout& lg, int64_t n,
+                          int64_t r0, int64_t r1, const Tensor& scale, const Tensor& shift, const Tensor& center,
+                          ChannelSums& sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t height = x.size(2), width = x.size(3), out_height = height / 2, out_width = width / 2;
+  const int64_t h0 = 2 * r0, h1 = r1 == out_height ? height : 2 * r1;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* gd = grad_x.mutable_data_ptr<scalar_t>();
+  const opmath_t* sc = scale.const_data_ptr<opmath_t>();
+  const opmath_t* sh = shift.const_data_ptr<opmath_t>();
+  const opmath_t* ce = center.const_data_ptr<opmath_t>();
+  if (dpool_buf.channels_inner) {
+    std::fill(scratch.begin(), scratch.end(), scalar_t(0));  // the gradient of unpooled pixels
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = 0; w < width; ++w) {
+        const bool pooled = h < 2 * out_height && w < 2 * out_width;
+        const scalar_t* dy = pooled ? dpool_buf.row<scalar_t>((h / 2 - r0) * out_width + w / 2) : scratch.data();
+        const int64_t p = h * width + w;
+        bn_relu_backward_row<kAccumulate>(dy, xd + row_offset(lx, true, n, p), gd + row_offset(lg, true, n, p),
+                                          lx.channels, PerElement<opmath_t>{sc}, PerElement<opmath_t>{sh},
+                                          PerElement<opmath_t>{ce}, sums);
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < lx.channels; ++c) {
+    const scalar_t* dpool = dpool_buf.row<scalar_t>(c);
+    RowSums row;
+    for (int64_t h = h0; h < h1; ++h) {
+      // This input row's dy: each pooled value spread over its two columns.
+      if (h < 2 * out_height) {
+        const scalar_t* src = dpool + (h / 2 - r0) * out_width;
+        for (int64_t w = 0; w < 2 * out_width; ++w) scratch[w] = src[w / 2];
+        for (int64_t w = 2 * out_width; w < width; ++w) scratch[w] = scalar_t(0);
+      } else {
+        std::fill(scratch.begin(), scratch.begin() + width, scalar_t(0));
+      }
+      const int64_t offset = h * width;
+      bn_relu_backward_row<kAccumulate>(scratch.data(), xd + row_offset(lx, false, n, c) + offset,
+                                        gd + row_offset(lg, false, n, c) + offset, width, Broadcast<opmath_t>{sc[c]},
+                                        Broadcast<opmath_t>{sh[c]}, Broadcast<opmath_t>{ce[c]}, row);
+    }
+    add_row_sums(sums, c, row);
+  }
+}
+
+// Sum of per-slot weight gradients, in slot order.
+Tensor merge_weight_grads(const std::vector<Tensor>& parts, const Tensor& weight) {
+  Tensor total = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  Tensor flat = total.view({weight.size(0), -1});
+  for (const Tensor& part : parts) {
+    if (part.defined()) flat.add_(part);
+  }
+  return total;
+}
+
+// Stands for an output the caller didn't ask for (ops return tensors, never None).
+Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// A new gradient in x's layout when the caller gave no accumulator.
+Tensor new_grad_like(const Tensor& x, const ActivationLayout& l) {
+  return at::empty(x.sizes(), x.options().memory_format(memory_format_of(l)));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                                                       const Tensor& weight, bool with_stats) {
+  const ActivationLayout lx = activation_layout(x, "x");
+  const int64_t out_channels = weight.size(0);
+  Tensor z = at::empty({lx.batch, out_channels, x.size(2), x.size(3)}, x.options());
+  const ActivationLayout lz = activation_layout(z, "z");
+  const Tensor w2d = weight.reshape({out_channels, lx.channels});
+  const Tiles tiles = make_tiles(lx.pixels, lx.channels);
+  const int64_t num_tiles = tiles.count(lx.batch);
+  // Per-tile moments of the output channels, merged in tile order.
+  std::vector<Moments<double>> tile_moments(with_stats ? num_tiles * out_channels : 0, Moments<double>{0, 0, 0});
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+    for_each_slot(num_tiles, slot_count(num_tiles, 1), [&](int64_t, int64_t begin, int64_t end) {
+      TileBuffer buf(x, lx.channels_inner(), lx.channels, tiles.max_length());
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles.per_image, p0 = tiles.begin(t), length = tiles.end(t) - p0;
+        fill_tile<scalar_t>(buf, x, lx, n, p0, length, scale, shift);
+        Tensor z_tile = image_matrix(z, lz, n).narrow(1, p0, length);
+        at::mm_out(z_tile, w2d, buf.matrix(length));
+        if (with_stats) {
+          const scalar_t* zd = z.const_data_ptr<scalar_t>();
+          for (int64_t c = 0; c < out_channels; ++c) {
+            tile_moments[t * out_channels + c] = row_moments(zd + row_offset(lz, false, n, c) + p0, length);
+          }
+        }
+      }
+    });
+  });
+  if (!with_stats) return {z, nothing(x), nothing(x)};
+  std::vector<Moments<double>> moments(out_channels, Moments<double>{0, 0, 0});
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    for (int64_t c = 0; c < out_channels; ++c) moments[c] = moments_merge(moments[c], tile_moments[t * out_channels + c]);
+  }
+  auto [mean, var] = moments_to_stats(moments, x);
+  return {z, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  const ActivationLayout lx = activation_layout(x, "x"), lo = activation_layout(grad_out, "grad_out");
+  const bool accumulate = grad_x.has_value();
+  Tensor gx = accumulate ? *grad_x : new_grad_like(x, lx);
+  const ActivationLayout lg = activation_layout(gx, "grad_x");
+  const int64_t out_channels = weight.size(0);
+  const Tensor w2d = weight.reshape({out_channels, lx.channels});
+  const Tensor w2d_t = w2d.t();
+  const Tiles tiles = make_tiles(lx.pixels, lx.channels);
+  const int64_t num_tiles = tiles.count(lx.batch);
+  const int64_t slots = slot_count(num_tiles, 1);
+  SlotSums sums(slots, lx.channels);
+  std::vector<Tensor> weight_grads(slots);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_cpu", [&] {
+    for_each_slot(num_tiles, slots, [&](int64_t s, int64_t begin, int64_t end) {
+      TileBuffer dy(x, lx.channels_inner(), lx.channels, tiles.max_length());
+      std::optional<TileBuffer> act;
+      if (need_weight_grad) act.emplace(x, lx.channels_inner(), lx.channels, tiles.max_length());
+      ChannelSums slot_sums = sums.slot(s);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles.per_image, p0 = tiles.begin(t), length = tiles.end(t) - p0;
+        Tensor go = image_matrix(grad_out, lo, n).narrow(1, p0, length);
+        if (need_weight_grad) {
+          fill_tile<scalar_t>(*act, x, lx, n, p0, length, scale, shift);
+          if (!weight_grads[s].defined()) {
+            weight_grads[s] = at::mm(go, act->matrix(length).t());
+          } else {
+            weight_grads[s].addmm_(go, act->matrix(length).t());
+          }
+        }
+        Tensor dy_tile = dy.matrix(length);
+        at::mm_out(dy_tile, w2d_t, go);
+        if (accumulate) {
+          backward_tile<true, scalar_t>(dy, x, lx, gx, lg, n, p0, length, scale, shift, center, slot_sums);
+        } else {
+          backward_tile<false, scalar_t>(dy, x, lx, gx, lg, n, p0, length, scale, shift, center, slot_sums);
+        }
+      }
+    });
+  });
+  auto [sum_dy, sum_dy_xc] = sums.totals(x);
+  Tensor grad_weight = need_weight_grad ? merge_weight_grads(weight_grads, weight) : nothing(x);
+  return {accumulate ? nothing(x) : gx, grad_weight, sum_dy, sum_dy_xc};
+}
+
+std::tuple<Tensor, Tensor> bn_relu_conv3x3_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift,
+                                               const Tensor& weight, const Tensor& out,
+                                               const std::optional<Tensor>& noise, bool with_stats) {
+  const ActivationLayout lz = activation_layout(z, "z");
+  const int64_t per_image = std::max<int64_t>(1, lz.channels * lz.pixels);
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / per_image);
+  std::vector<Moments<double>> moments(with_stats ? weight.size(0) : 0, Moments<double>{0, 0, 0});
+  for (int64_t n0 = 0; n0 < lz.batch; n0 += chunk) {
+    const int64_t count = std::min(chunk, lz.batch - n0);
+    Tensor z_chunk = z.narrow(0, n0, count);
+    Tensor y = at::empty(z_chunk.sizes(), z.options().memory_format(memory_format_of(lz)));
+    affine_relu_cpu_out(z_chunk, scale, shift, y);
+    Tensor f = at::conv2d(y, weight, {}, 1, 1);
+    y.reset();
+    if (noise.has_value()) f.mul_(noise->narrow(0, n0, count));
+    out.narrow(0, n0, count).copy_(f);
+    if (with_stats) {
+      // Statistics of the new channels while they are contiguous, before they sit in the buffer.
+      std::vector<Moments<double>> part = channel_moments_cpu(f);
+      for (size_t c = 0; c < moments.size(); ++c) moments[c] = moments_merge(moments[c], part[c]);
+    }
+  }
+  if (!with_stats) return {nothing(z), nothing(z)};
+  return moments_to_stats(moments, z);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
+    const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  const ActivationLayout lz = activation_layout(z, "z");
+  // The input gradient needs no activations: one transposed conv over the whole batch.
+  Tensor dy = std::get<0>(at::convolution_backward(grad_out, z, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
+                                                   {0, 0}, 1, {true, false, false}));
+  dy = conform_input(dy, lz, "grad_y");
+  Tensor grad_weight = nothing(z);
+  if (need_weight_grad) {
+    grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+    const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, lz.channels * lz.pixels));
+    for (int64_t n0 = 0; n0 < lz.batch; n0 += chunk) {
+      const int64_t count = std::min(chunk, lz.batch - n0);
+      Tensor z_chunk = z.narrow(0, n0, count);
+      Tensor y = at::empty(z_chunk.sizes(), z.options().memory_format(memory_format_of(lz)));
+      affine_relu_cpu_out(z_chunk, scale, shift, y);
+      grad_weight.add_(std::get<1>(at::convolution_backward(grad_out.narrow(0, n0, count), y, weight, std::nullopt,
+                                                            {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                                            {false, true, false})));
+    }
+  }
+  // Without an accumulator the result is written over dy itself.
+  Tensor target = grad_x.has_value() ? *grad_x : dy;
+  auto [sum_dy, sum_dy_xc] = bn_relu_backward_cpu_out(dy, z, scale, shift, center, target, grad_x.has_value());
+  return {grad_x.has_value() ? nothing(z) : dy, grad_weight, sum_dy, sum_dy_xc};
+}
+
+Tensor bn_relu_pool_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
+  const ActivationLayout lx = activation_layout(x, "x");
+  const int64_t out_height = x.size(2) / 2, out_width = x.size(3) / 2, out_channels = weight.size(0);
+  Tensor out = at::empty({lx.batch, out_channels, out_height, out_width}, x.options().memory_format(memory_format_of(lx)));
+  if (out.numel() == 0) return out;
+  const ActivationLayout lo = activation_layout(out, "out");
+  const Tensor w2d = weight.reshape({out_channels, lx.channels});
+  // Tiles of output rows; each reads the two input rows above it.
+  const Tiles tiles = make_tiles(out_height, lx.channels * out_width);
+  const int64_t num_tiles = tiles.count(lx.batch);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_cpu", [&] {
+    for_each_slot(num_tiles, slot_count(num_tiles, 1), [&](int64_t, int64_t begin, int64_t end) {
+      TileBuffer buf(x, lx.channels_inner(), lx.channels, tiles.max_length() * out_width);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles.per_image, r0 = tiles.begin(t), r1 = tiles.end(t);
+        const int64_t length = (r1 - r0) * out_width;
+        fill_pooled_tile<scalar_t>(buf, x, lx, n, r0, r1, scale, shift);
+        Tensor out_tile = image_matrix(out, lo, n).narrow(1, r0 * out_width, length);
+        at::mm_out(out_tile, w2d, buf.matrix(length));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  const ActivationLayout lx = activation_layout(x, "x"), lo = activation_layout(grad_out, "grad_out");
+  const bool accumulate = grad_x.has_value();
+  Tensor gx = accumulate ? *grad_x : new_grad_like(x, lx);
+  const ActivationLayout lg = activation_layout(gx, "grad_x");
+  const int64_t out_height = x.size(2) / 2, out_width = x.size(3) / 2, out_channels = weight.size(0);
+  const Tensor w2d = weight.reshape({out_channels, lx.channels});
+  // avg_pool2d's backward divides by 4: folded into the weight (exact, a power of two).
+  const Tensor w_quarter_t = w2d.mul(0.25).t();
+  const Tiles tiles = make_tiles(out_height, lx.channels * out_width);
+  const int64_t num_tiles = tiles.count(lx.batch);
+  const int64_t slots = slot_count(num_tiles, 1);
+  SlotSums sums(slots, lx.channels);
+  std::vector<Tensor> weight_grads(slots);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_backward_cpu", [&] {
+    for_each_slot(num_tiles, slots, [&](int64_t s, int64_t begin, int64_t end) {
+      const int64_t capacity = tiles.max_length() * out_width;
+      TileBuffer dpool(x, lx.channels_inner(), lx.channels, capacity);
+      std::optional<TileBuffer> act;
+      if (need_weight_grad) act.emplace(x, lx.channels_inner(), lx.channels, capacity);
+      std::vector<scalar_t> scratch(std::max<int64_t>(lx.channels, x.size(3)));
+      ChannelSums slot_sums = sums.slot(s);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles.per_image, r0 = tiles.begin(t), r1 = tiles.end(t);
+        const int64_t length = (r1 - r0) * out_width;
+        Tensor go = image_matrix(grad_out, lo, n).narrow(1, r0 * out_width, length);
+        if (need_weight_grad) {
+          fill_pooled_tile<scalar_t>(*act, x, lx, n, r0, r1, scale, shift);
+          if (!weight_grads[s].defined()) {
+            weight_grads[s] = at::mm(go, act->matrix(length).t());
+          } else {
+            weight_grads[s].addmm_(go, act->matrix(length).t());
+          }
+        }
+        Tensor dpool_tile = dpool.matrix(length);
+        at::mm_out(dpool_tile, w_quarter_t, go);
+        if (accumulate) {
+          pooled_backward_tile<true, scalar_t>(dpool, scratch, x, lx, gx, lg, n, r0, r1, scale, shift, center, slot_sums);
+        } else {
+          pooled_backward_tile<false, scalar_t>(dpool, scratch, x, lx, gx, lg, n, r0, r1, scale, shift, center, slot_sums);
+        }
+      }
+    });
+  });
+  auto [sum_dy, sum_dy_xc] = sums.totals(x);
+  Tensor grad_weight = need_weight_grad ? merge_weight_grads(weight_grads, weight) : nothing(x);
+  return {accumulate ? nothing(x) : gx, grad_weight, sum_dy, sum_dy_xc};
+}
+
+}  // namespace densenet_fast

@@ -1,0 +1,241 @@
+// The densenet_fast operator library: schemas, argument checks and per-device dispatch.
+//
+// Schemas live in TORCH_LIBRARY(densenet_fast); every op's implementation first runs the checks
+// below (each names the argument and what was expected), then calls the device kernel:
+// *_cpu in primitives_cpu.cpp / fused_cpu.cpp, *_cuda in primitives_cuda.cu. Fake (meta)
+// implementations for torch.compile are registered from Python (densenet_fast/ops/cpp_backend.py).
+//
+// Two families of ops:
+//  * primitives (CPU and CUDA): channel statistics, relu(x * scale + shift), the BN-ReLU
+//    backward (mask, reductions, accumulation) and the batch-statistics gradient term;
+//  * fused layer ops (CPU): BN-ReLU-conv1x1/conv3x3/pool-conv1x1 forward and backward, the
+//    prologue recomputed tile by tile next to ATen's GEMMs.
+// Backward ops take an optional accumulator `grad_x` (mutated) and return a new gradient only
+// when it was None; outputs not asked for come back as empty tensors.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "dense_ops.h"
+
+namespace densenet_fast {
+namespace {
+
+bool built_with_cuda() {
+#ifdef DENSENET_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+void check_x(const Tensor& x, bool allow_half) {
+  activation_layout(x, "x");
+  check_float_activation(x, "x", allow_half);
+}
+
+void check_bn(const Tensor& x, const Tensor& scale, const Tensor& shift, int64_t channels) {
+  check_channel_vector(scale, "scale", x, channels);
+  check_channel_vector(shift, "shift", x, channels);
+}
+
+// A tensor read alongside x: same device and dtype, the given shape, a supported layout.
+void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape, const char* what) {
+  check_4d(t, name);
+  check_same_device(t, x, name, "x");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "densenet_fast: expected '", name, "' of dtype ", x.scalar_type(),
+              " (the dtype of 'x'), got ", t.scalar_type());
+  check_same_shape(t, name, shape, what);
+}
+
+// The optional accumulator of a backward: x's shape, dtype and device, and x's layout family.
+void check_grad_x(const std::optional<Tensor>& grad_x, const Tensor& x) {
+  if (!grad_x.has_value()) return;
+  check_like(*grad_x, "grad_x", x, x.sizes(), "the shape of 'x'");
+  check_output_layout(*grad_x, activation_layout(x, "x"), "grad_x");
+}
+
+std::vector<int64_t> conv_output_shape(const Tensor& x, const Tensor& weight, bool pooled) {
+  return {x.size(0), weight.size(0), pooled ? x.size(2) / 2 : x.size(2), pooled ? x.size(3) / 2 : x.size(3)};
+}
+
+// ---- Primitives ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> channel_stats_op(const Tensor& x) {
+  check_x(x, true);
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0, "densenet_fast: channel_stats expected values over N, H, W, got shape ",
+              x.sizes());
+#ifdef DENSENET_FAST_WITH_CUDA
+  if (x.is_cuda()) return channel_stats_cuda(x);
+#endif
+  return channel_stats_cpu(x);
+}
+
+Tensor affine_relu_op(const Tensor& x, const Tensor& scale, const Tensor& shift) {
+  check_x(x, true);
+  check_bn(x, scale, shift, x.size(1));
+  Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format_of(activation_layout(x, "x"))));
+#ifdef DENSENET_FAST_WITH_CUDA
+  if (x.is_cuda()) {
+    affine_relu_cuda_out(x, scale, shift, y);
+    return y;
+  }
+#endif
+  affine_relu_cpu_out(x, scale, shift, y);
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
+                                                    const Tensor& shift, const Tensor& center,
+                                                    const std::optional<Tensor>& grad_x) {
+  check_x(x, true);
+  check_bn(x, scale, shift, x.size(1));
+  check_channel_vector(center, "center", x, x.size(1));
+  check_like(grad_y, "grad_y", x, x.sizes(), "the shape of 'x'");
+  check_grad_x(grad_x, x);
+  const ActivationLayout lx = activation_layout(x, "x");
+  Tensor gy = conform_input(grad_y, lx, "grad_y");
+  const bool accumulate = grad_x.has_value();
+  Tensor target = accumulate ? *grad_x : at::empty(x.sizes(), x.options().memory_format(memory_format_of(lx)));
+  Tensor sum_dy, sum_dy_xc;
+#ifdef DENSENET_FAST_WITH_CUDA
+  if (x.is_cuda()) {
+    std::tie(sum_dy, sum_dy_xc) = bn_relu_backward_cuda_out(gy, x, scale, shift, center, target, accumulate);
+  } else
+#endif
+  {
+    std::tie(sum_dy, sum_dy_xc) = bn_relu_backward_cpu_out(gy, x, scale, shift, center, target, accumulate);
+  }
+  return {accumulate ? at::empty({0}, x.options()) : target, sum_dy, sum_dy_xc};
+}
+
+void bn_grad_finalize_op(const Tensor& grad_x, const Tensor& x, const Tensor& center, const Tensor& coef_x,
+                      const Tensor& coef_c) {
+  check_x(x, true);
+  check_channel_vector(center, "center", x, x.size(1));
+  check_channel_vector(coef_x, "coef_x", x, x.size(1));
+  check_channel_vector(coef_c, "coef_c", x, x.size(1));
+  check_grad_x(grad_x, x);
+#ifdef DENSENET_FAST_WITH_CUDA
+  if (x.is_cuda()) return bn_grad_finalize_cuda(grad_x, x, center, coef_x, coef_c);
+#endif
+  bn_grad_finalize_cpu(grad_x, x, center, coef_x, coef_c);
+}
+
+// ---- Fused layer ops (CPU) ----------------------------------------------------------------
+
+void check_layer_args(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight, int64_t kernel) {
+  check_x(x, false);
+  check_bn(x, scale, shift, x.size(1));
+  check_conv_weight(weight, x, kernel);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                                                   const Tensor& weight, bool with_stats) {
+  check_layer_args(x, scale, shift, weight, 1);
+  return bn_relu_conv1x1_cpu(x, scale, shift, weight, with_stats);
+}
+
+std::tuple<Tensor, Tensor> bn_relu_conv3x3_op(const Tensor& z, const Tensor& scale, const Tensor& shift,
+                                           const Tensor& weight, const Tensor& out, const std::optional<Tensor>& noise,
+                                           bool with_stats) {
+  check_layer_args(z, scale, shift, weight, 3);
+  const auto shape = conv_output_shape(z, weight, false);
+  check_like(out, "out", z, shape, "(N, out_channels, H, W)");
+  if (noise.has_value()) check_like(*noise, "noise", z, shape, "the shape of 'out'");
+  return bn_relu_conv3x3_cpu(z, scale, shift, weight, out, noise, with_stats);
+}
+
+void check_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift,
+                         const Tensor& weight, const Tensor& center, const std::optional<Tensor>& grad_x, int64_t kernel,
+                         bool pooled) {
+  check_layer_args(x, scale, shift, weight, kernel);
+  check_channel_vector(center, "center", x, x.size(1));
+  check_like(grad_out, "grad_out", x, conv_output_shape(x, weight, pooled), "the forward output's shape");
+  activation_layout(grad_out, "grad_out");
+  check_grad_x(grad_x, x);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
+    const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, false);
+  return bn_relu_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
+    const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  check_backward_args(grad_out, z, scale, shift, weight, center, grad_x, 3, false);
+  return bn_relu_conv3x3_backward_cpu(grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad);
+}
+
+Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
+  check_layer_args(x, scale, shift, weight, 1);
+  return bn_relu_pool_conv1x1_cpu(x, scale, shift, weight);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
+    const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
+    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, true);
+  return bn_relu_pool_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(densenet_fast, m) {
+  // Where the fake (meta) implementations are, for torch.compile.
+  m.set_python_module("densenet_fast.ops.cpp_backend");
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("affine_relu(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor center, Tensor(a!)? grad_x)"
+        " -> (Tensor new_grad_x, Tensor sum_dy, Tensor sum_dy_xc)");
+  m.def("bn_grad_finalize(Tensor(a!) grad_x, Tensor x, Tensor center, Tensor coef_x, Tensor coef_c) -> ()");
+  m.def("bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool with_stats)"
+        " -> (Tensor z, Tensor mean, Tensor var)");
+  m.def("bn_relu_conv3x3(Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out, Tensor? noise,"
+        " bool with_stats) -> (Tensor mean, Tensor var)");
+  m.def("bn_relu_conv1x1_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor weight, Tensor center,"
+        " Tensor(a!)? grad_x, bool need_weight_grad)"
+        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+  m.def("bn_relu_conv3x3_backward(Tensor grad_out, Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor center,"
+        " Tensor(a!)? grad_x, bool need_weight_grad)"
+        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+  m.def("bn_relu_pool_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
+  m.def("bn_relu_pool_conv1x1_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor weight,"
+        " Tensor center, Tensor(a!)? grad_x, bool need_weight_grad)"
+        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+}
+
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("channel_stats", &channel_stats_op);
+  m.impl("affine_relu", &affine_relu_op);
+  m.impl("bn_relu_backward", &bn_relu_backward_op);
+  m.impl("bn_grad_finalize", &bn_grad_finalize_op);
+  m.impl("bn_relu_conv1x1", &bn_relu_conv1x1_op);
+  m.impl("bn_relu_conv3x3", &bn_relu_conv3x3_op);
+  m.impl("bn_relu_conv1x1_backward", &bn_relu_conv1x1_backward_op);
+  m.impl("bn_relu_conv3x3_backward", &bn_relu_conv3x3_backward_op);
+  m.impl("bn_relu_pool_conv1x1", &bn_relu_pool_conv1x1_op);
+  m.impl("bn_relu_pool_conv1x1_backward", &bn_relu_pool_conv1x1_backward_op);
+}
+
+#ifdef DENSENET_FAST_WITH_CUDA
+// On CUDA the primitives run as kernels; the cpp backend composes them with ATen's GEMMs.
+TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
+  m.impl("channel_stats", &channel_stats_op);
+  m.impl("affine_relu", &affine_relu_op);
+  m.impl("bn_relu_backward", &bn_relu_backward_op);
+  m.impl("bn_grad_finalize", &bn_grad_finalize_op);
+}
+#endif
+
+}  // namespace densenet_fast
+
+// `import densenet_fast._C` loads this library, which registers the ops above with torch.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "densenet_fast compiled ops (torch.ops.densenet_fast)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
