@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn
+PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm
 
 .PHONY: demo test bench
 

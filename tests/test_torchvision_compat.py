@@ -90,7 +90,7 @@ def test_convert_cifar_stem_and_rejects_other_modules():
     tv = torchvision_densenet_bc(16, growth_rate=4)
     fast = densenet_fast.convert(tv)
     assert fast.small_inputs and fast.features.conv0.stride == (1, 1)
-    with pytest.raises(TypeError, match="torchvision-style DenseNet"):
+    with pytest.raises(TypeError, match="convert expects a torchvision or timm DenseNet"):
         densenet_fast.convert(torchvision.models.resnet18())
 
 
