@@ -89,3 +89,26 @@ def test_backend_serves_only_what_it_can(triton_backend):
     assert backend_for(x).name == "triton"
     with pytest.raises(TypeError):
         backend_for(x.double())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the Triton kernels on CUDA only")
+def test_ops_trace_under_torch_compile():
+    """A layer's two forward ops in one fullgraph-compiled function (``out`` mutated in place) match eager."""
+    from densenet_fast.ops.triton import bn_relu_conv1x1, bn_relu_conv3x3
+
+    def layer(x, scale, shift, w1, w2, out):
+        z, mean, var = bn_relu_conv1x1(x, scale, shift, w1, True)
+        scale2 = torch.rsqrt(var + 1e-5)
+        mean2, var2 = bn_relu_conv3x3(z, scale2, -mean * scale2, w2, out, None, True)
+        return z, mean2, var2
+
+    torch.manual_seed(5)
+    buf = torch.randn(2, 30, 6, 7, device=DEVICE)
+    scale, shift = torch.rand(21, device=DEVICE) + 0.5, torch.randn(21, device=DEVICE)
+    w1, w2 = torch.randn(16, 21, 1, 1, device=DEVICE) / 5, torch.randn(5, 16, 3, 3, device=DEVICE) / 12
+    eager_buf, compiled_buf = buf.clone(), buf.clone()
+    expected = layer(eager_buf[:, :21], scale, shift, w1, w2, eager_buf[:, 23:28])
+    got = torch.compile(layer, fullgraph=True)(compiled_buf[:, :21], scale, shift, w1, w2, compiled_buf[:, 23:28])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_buf, eager_buf, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,171 @@
+"""The benchmark part of ``benchmarks/gpu_check``: densenet_fast's backends against torchvision on CUDA.
+
+    python benchmarks/gpu_check.py --out FILE [--deadline EPOCH_SECONDS] [--compile]
+    python benchmarks/gpu_check.py --cpu-smoke --out FILE   # tiny shapes on CPU: checks the plumbing only
+
+Workloads: DenseNet-121 at batch 64, 224x224 and DenseNet-BC-100 (k=12) at batch 64, 32x32, each in
+float32 and under bfloat16 autocast. For every workload one markdown table (peak memory from
+torch.cuda.max_memory_allocated, median training-step time) over each available densenet_fast
+backend and torchvision with memory_efficient=False and True (plus torch.compile'd torchvision with
+``--compile``), with the issue's targets checked beside. Each table is appended to ``--out`` as
+soon as it exists, so a run cut short still leaves what it measured; a workload that fails is
+reported and the next one runs; workloads that would start past ``--deadline`` are listed as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+import torchvision
+from torch import nn
+
+import densenet_fast
+from densenet_fast.bench import MiB, StepResult, compare_steps, torchvision_densenet_bc
+
+TV, TV_ME, TV_COMPILED = "torchvision", "torchvision memory_efficient", "torchvision compiled"
+# The issue's targets for densenet_fast.
+MEMORY_TARGET = 0.25  # peak memory vs torchvision
+TIME_TARGET = {"float32": 1.0, "bf16 autocast": 0.9}  # step time vs torchvision
+SPEEDUP_VS_ME = 1.3  # at least this much faster than torchvision memory_efficient=True
+
+
+class Pinned(nn.Module):
+    """Runs ``model`` with densenet_fast's ``backend`` pinned (backward reuses the forward's backend)."""
+
+    def __init__(self, model: nn.Module, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x):
+        previous = densenet_fast.get_backend_name()
+        densenet_fast.set_backend(self.backend)
+        try:
+            return self.model(x)
+        finally:
+            densenet_fast.set_backend(previous)
+
+
+def check_targets(r: StepResult, tv: StepResult, tv_me: Optional[StepResult], precision: str) -> str:
+    mem = r.peak_bytes / tv.peak_bytes
+    t = r.step_time / tv.step_time
+    marks = [f"mem {mem:.2f}x (<= {MEMORY_TARGET}) {'PASS' if mem <= MEMORY_TARGET else 'FAIL'}",
+             f"time {t:.2f}x (<= {TIME_TARGET[precision]}) {'PASS' if t <= TIME_TARGET[precision] else 'FAIL'}"]
+    if tv_me is not None:
+        speedup = tv_me.step_time / r.step_time
+        marks.append(f"{speedup:.2f}x faster than memory_efficient (>= {SPEEDUP_VS_ME}) "
+                     f"{'PASS' if speedup >= SPEEDUP_VS_ME else 'FAIL'}")
+    return "; ".join(marks)
+
+
+def format_results(results: list[StepResult], precision: str) -> str:
+    by_name = {r.name: r for r in results}
+    tv, tv_me = by_name.get(TV), by_name.get(TV_ME)
+    lines = ["| model | peak memory | vs tv | vs tv mem-eff | step time | vs tv | vs tv mem-eff | targets |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        def ratio(base, attr):
+            return f"{getattr(r, attr) / getattr(base, attr):.3f}x" if base is not None else "-"
+        targets = check_targets(r, tv, tv_me, precision) if r.name.startswith("densenet_fast") and tv else ""
+        lines.append(f"| {r.name} | {r.peak_bytes / MiB:.1f} MiB | {ratio(tv, 'peak_bytes')} | "
+                     f"{ratio(tv_me, 'peak_bytes')} | {r.step_time * 1e3:.1f} ms | {ratio(tv, 'step_time')} | "
+                     f"{ratio(tv_me, 'step_time')} | {targets} |")
+    return "\n".join(lines)
+
+
+def build_models(make_tv: Callable[[bool], nn.Module], device: torch.device, with_compile: bool,
+                 log: Callable[[str], None]) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    tv = make_tv(False).to(device)
+    models: dict[str, nn.Module] = {TV: tv, TV_ME: make_tv(True).to(device)}
+    models[TV_ME].load_state_dict(tv.state_dict())
+    for backend in densenet_fast.available_backends():
+        fast = densenet_fast.convert(make_tv(False)).to(device)
+        fast.load_state_dict(tv.state_dict())
+        models[f"densenet_fast[{backend}]"] = Pinned(fast, backend)
+    if with_compile:
+        models[TV_COMPILED] = torch.compile(make_tv(False).to(device))
+    return models
+
+
+def usable(models: dict[str, nn.Module], x: torch.Tensor, autocast_dtype, log) -> dict[str, nn.Module]:
+    """The models whose training step runs here (a backend that can't serve x is dropped, and said so)."""
+    from densenet_fast.bench import make_step
+
+    kept = {}
+    for name, model in models.items():
+        try:
+            model.train()
+            make_step(model, x, autocast_dtype)()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            kept[name] = model
+        except Exception as err:  # one failing model must not cost the others' figures
+            log(f"- {name}: dropped, {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        finally:
+            for p in model.parameters():
+                p.grad = None
+    return kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="markdown file the tables are appended to")
+    parser.add_argument("--deadline", type=float, default=None, help="epoch seconds: start no workload after it")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also torch.compile'd torchvision (slow to compile)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, to check the script itself")
+    args = parser.parse_args()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        workloads = [("DenseNet-BC-10 (k=4)", lambda me: torchvision_densenet_bc(10, 4, memory_efficient=me), 2, 16),
+                     ("DenseNet-121", lambda me: torchvision.models.densenet121(memory_efficient=me), 2, 32)]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device (use --cpu-smoke to check the script on CPU)")
+        device = torch.device("cuda")
+        workloads = [("DenseNet-121", lambda me: torchvision.models.densenet121(memory_efficient=me), 64, 224),
+                     ("DenseNet-BC-100 (k=12)", lambda me: torchvision_densenet_bc(100, 12, memory_efficient=me), 64, 32)]
+    precisions = [("float32", None), ("bf16 autocast", torch.bfloat16)]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: plumbing only)"
+    log(f"\n## Benchmarks on {name}\n\ntorch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"densenet_fast backends {densenet_fast.available_backends()}, tf32 matmul "
+        f"{torch.backends.cuda.matmul.allow_tf32}, {args.rounds} timed rounds (median)\n")
+
+    for title, make_tv, batch, size in workloads:
+        for precision, autocast_dtype in precisions:
+            heading = f"### {title}, batch {batch}, {size}x{size}, {precision}"
+            if args.deadline is not None and time.time() > args.deadline:
+                log(f"{heading}\n\nskipped: out of time\n")
+                continue
+            log(heading + "\n")
+            start = time.time()
+            try:
+                with_compile = args.compile and (args.deadline is None or args.deadline - time.time() > 240)
+                models = build_models(make_tv, device, with_compile, log)
+                torch.manual_seed(1)
+                x = torch.randn(batch, 3, size, size, device=device)
+                models = usable(models, x, autocast_dtype, log)
+                results = compare_steps(models, x, rounds=args.rounds, autocast_dtype=autocast_dtype,
+                                        progress=lambda s: print(f"  {s}", flush=True))
+                log(format_results(results, precision))
+                log(f"\n({time.time() - start:.0f} s including warm-up and kernel compilation)\n")
+            except Exception as err:
+                log(f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:500] if str(err) else ''}\n")
+                traceback.print_exc()
+            finally:
+                models = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
