@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .ops import backend_for
 from .ops.interface import Backend, stats_dtype
+from .sync import BatchSync, active_group
 
 _PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 _PARAMS_PER_TRANSITION = 3  # norm.weight, norm.bias, conv.weight
@@ -45,10 +46,12 @@ class Stage:
     """
 
     def __init__(self, layers: Sequence[nn.Module], transition: Optional[nn.Module], memory_efficient: bool = True,
-                 name: str = "dense block"):
+                 name: str = "dense block", sync_batchnorm: bool = False, process_group=None):
         if not layers and transition is None:
             raise ValueError("a stage needs at least one dense layer or a transition")
         self.name = name  # for error messages, e.g. 'features.denseblock2 + features.transition2'
+        # SyncBatchNorm semantics across process_group (None: the default group) when distributed.
+        self.sync_batchnorm, self.process_group = sync_batchnorm, process_group
         self.layers = list(layers)
         self.transition = transition
         self.memory_efficient = memory_efficient
@@ -56,6 +59,10 @@ class Stage:
             self.layers[0].norm1.num_features if self.layers else transition.norm.num_features
         )
         self.growth_rate = self.layers[0].conv2.out_channels if self.layers else 0
+
+    def any_batch_stats(self) -> bool:
+        """Whether any BN of the stage (bottlenecks included) normalizes with batch statistics."""
+        return self.reads_batch_stats() or any(_uses_batch_stats(layer.norm2) for layer in self.layers)
 
     def reads_batch_stats(self) -> bool:
         """Whether any BN reading the buffer normalizes with batch statistics."""
@@ -170,9 +177,11 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
     n, c0, h, w = x.shape
     k, num_layers = stage.growth_rate, len(stage.layers)
     channels = c0 + num_layers * k
-    count = n * h * w
     sdt = stats_dtype(x.dtype)
     need_stats = stage.reads_batch_stats()
+    sync_on, group = active_group(stage.sync_batchnorm and stage.any_batch_stats(), stage.process_group)
+    sync = BatchSync(group, n * h * w, x.device) if sync_on else None
+    count = sync.total if sync else n * h * w  # values per channel that BN's statistics cover
 
     if num_layers == 0:
         buf = x
@@ -182,7 +191,7 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
     mean = torch.zeros(channels, dtype=sdt, device=x.device)
     var = torch.ones(channels, dtype=sdt, device=x.device)
     if need_stats:
-        mean[:c0], var[:c0] = backend.channel_stats(x)
+        mean[:c0], var[:c0] = _stats(backend.channel_stats(x), sync)
 
     records = []  # per layer: (bn1, bn2, dropout keep-mask or None, kept bottleneck or None)
     for i, layer in enumerate(stage.layers):
@@ -191,6 +200,8 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
         bn1 = _normalize(layer.norm1, w1, b1, mean[:c], var[:c], count, sdt)
         need_z_stats = _uses_batch_stats(layer.norm2)
         z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, _w(conv1, x.dtype), need_z_stats)
+        if need_z_stats:
+            z_mean, z_var = _stats((z_mean, z_var), sync)
         bn2 = _normalize(layer.norm2, w2, b2, z_mean, z_var, count, sdt)
         noise = None
         if layer.training and layer.drop_rate > 0:
@@ -200,7 +211,7 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
             noise.div_(1 - p) if p < 1 else noise.zero_()
         f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, _w(conv2, x.dtype), buf[:, c:c + k], noise, need_stats)
         if need_stats:
-            mean[c:c + k], var[c:c + k] = f_mean, f_var
+            mean[c:c + k], var[c:c + k] = _stats((f_mean, f_var), sync)
         if for_backward:
             keep = noise.ne(0) if noise is not None else None
             records.append((bn1, bn2, keep, None if stage.memory_efficient else z))
@@ -212,20 +223,25 @@ def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optiona
         wt, bt, convt = params[num_layers * _PARAMS_PER_LAYER:]
         bnt = _normalize(stage.transition.norm, wt, bt, mean, var, count, sdt)
         out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, _w(convt, x.dtype))
-    return out, buf, mean, records, bnt
+    return out, buf, mean, records, bnt, sync
+
+
+def _stats(mean_var: tuple[Tensor, Tensor], sync: Optional[BatchSync]) -> tuple[Tensor, Tensor]:
+    return mean_var if sync is None else sync.stats(*mean_var)
 
 
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stage: Stage, *params):
         backend = backend_for(x)
-        out, buf, mean, records, bnt = _forward(backend, x, stage, params, for_backward=True)
+        out, buf, mean, records, bnt, sync = _forward(backend, x, stage, params, for_backward=True)
         masks = [r[2] for r in records]
         zs = [r[3] for r in records]
         ctx.save_for_backward(buf, mean, *masks, *zs)
         ctx.stage, ctx.bns, ctx.bnt, ctx.backend = stage, [(r[0], r[1]) for r in records], bnt, backend
         ctx.in_channels, ctx.x_format = x.shape[1], _memory_format(x)
         ctx.reads_batch_stats = stage.reads_batch_stats()
+        ctx.sync = sync
         return out
 
     @staticmethod
@@ -242,7 +258,8 @@ class _DenseStageFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]
         backend: Backend = ctx.backend  # the forward's, whatever is pinned now
         n, channels, h, w = buf.shape
-        count = n * h * w
+        sync: Optional[BatchSync] = ctx.sync
+        count = sync.total if sync else n * h * w
         k, c0 = stage.growth_rate, ctx.in_channels
         act = buf.dtype  # activations' dtype (the autocast dtype under autocast)
         grads: list[Optional[Tensor]] = [None] * len(needs)
@@ -273,6 +290,8 @@ class _DenseStageFunction(torch.autograd.Function):
             bn1, bn2 = ctx.bns[i]
             if reads_batch_stats:
                 # Every reader of channels [c, c+k) is done: apply their batch-statistics terms once.
+                if sync:
+                    sync.sum_(coef_x[new], coef_c[new])
                 backend.bn_grad_finalize(grad_buf[:, new], buf[:, new], mean[new], coef_x[new], coef_c[new])
             grad_new = grad_buf[:, new]
             if masks[i] is not None:
@@ -288,7 +307,10 @@ class _DenseStageFunction(torch.autograd.Function):
             grads[base + 5] = _grad_as(r2.grad_weight, layer.conv2.weight)
             grad_z = r2.grad_x
             if bn2.batch_stats:
-                backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, r2.sum_dy, r2.sum_dy_xc, count))
+                sums = (r2.sum_dy.clone(), r2.sum_dy_xc.clone())
+                if sync:
+                    sync.sum_(*sums)  # parameter grads above stay local, as in torch's SyncBatchNorm
+                backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, *sums, count))
             del z, r2
             r1 = backend.bn_relu_conv1x1_backward(
                 grad_z, buf[:, :c], bn1.scale, bn1.shift, _w(layer.conv1.weight, act), bn1.center,
@@ -303,6 +325,8 @@ class _DenseStageFunction(torch.autograd.Function):
             del r1
 
         if reads_batch_stats:
+            if sync:
+                sync.sum_(coef_x[:c0], coef_c[:c0])
             backend.bn_grad_finalize(grad_buf[:, :c0], buf[:, :c0], mean[:c0], coef_x[:c0], coef_c[:c0])
         grad_x = grad_buf if num_layers == 0 else grad_buf[:, :c0].clone(memory_format=ctx.x_format)
         grads = [g if need else None for g, need in zip(grads, needs)]

@@ -49,6 +49,9 @@ class _DenseLayer(nn.Module):
 
 class _DenseBlock(nn.ModuleDict):
     _version = 2
+    # Set by densenet_fast.convert_sync_batchnorm.
+    sync_batchnorm = False
+    process_group = None
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float, memory_efficient: bool = True) -> None:
@@ -59,7 +62,9 @@ class _DenseBlock(nn.ModuleDict):
 
     def stage(self, transition: Optional["_Transition"] = None, name: str = "dense block") -> Stage:
         layers = list(self.values())
-        return Stage(layers, transition, all(layer.memory_efficient for layer in layers), name)
+        sync = self.sync_batchnorm or (transition is not None and transition.sync_batchnorm)
+        return Stage(layers, transition, all(layer.memory_efficient for layer in layers), name, sync,
+                     self.process_group if self.sync_batchnorm else getattr(transition, "process_group", None))
 
     def forward(self, init_features: Tensor) -> Tensor:
         """All features of the block, N x (C0 + L*k) x H x W, as torchvision's block returns them."""
@@ -67,6 +72,9 @@ class _DenseBlock(nn.ModuleDict):
 
 
 class _Transition(nn.Sequential):
+    sync_batchnorm = False
+    process_group = None
+
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(num_input_features)
@@ -75,7 +83,7 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dense_stage(x, Stage([], self))
+        return dense_stage(x, Stage([], self, sync_batchnorm=self.sync_batchnorm, process_group=self.process_group))
 
 
 class _Features(nn.Sequential):

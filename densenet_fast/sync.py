@@ -1,0 +1,55 @@
+"""Synchronized batch statistics across the processes of a group (SyncBatchNorm semantics).
+
+Used by the block algorithm (``block.py``), which calls these at the few places BN needs global numbers: a channel's statistics
+once when it is written (merged from every process's mean and variance, weighted by their
+counts: stable when the mean is large), a bottleneck's statistics per layer, and in backward the
+accumulated per-channel coefficients once per channel. Parameter gradients stay local, as with
+torch.nn.SyncBatchNorm; DistributedDataParallel averages them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def active_group(enabled: bool, group) -> tuple[bool, Optional[object]]:
+    """Whether to synchronize now: asked for, a process group is up, and it has several processes."""
+    if not enabled or not (dist.is_available() and dist.is_initialized()):
+        return False, None
+    return dist.get_world_size(group) > 1, group
+
+
+class BatchSync:
+    """Collectives over one stage's batch; every process calls them in the same order."""
+
+    def __init__(self, group, local_count: int, device: torch.device):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        counts = self._gather(torch.tensor([float(local_count)], dtype=torch.float64, device=device))
+        self.counts = counts.reshape(-1)  # one per process
+        self.total = int(self.counts.sum().item())
+
+    def _gather(self, t: Tensor) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def stats(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Global mean and biased variance from every process's (Chan's parallel merge)."""
+        g = self._gather(torch.stack([mean, var]))  # world x 2 x C
+        w = (self.counts / self.total).to(mean.dtype)[:, None]
+        global_mean = (w * g[:, 0]).sum(0)
+        global_var = (w * (g[:, 1] + (g[:, 0] - global_mean) ** 2)).sum(0)
+        return global_mean, global_var
+
+    def sum_(self, *tensors: Tensor) -> None:
+        """In place: each tensor becomes its sum over the processes (one collective for all)."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

@@ -1,0 +1,87 @@
+"""Multi-process training on torch.distributed (2 processes, gloo, CPU).
+
+torch.nn.SyncBatchNorm refuses CPU tensors, so synchronized BN is checked against what it is
+defined to compute: BN over the batch of all processes together, i.e. the naive reference run on
+the concatenated batch (outputs, running stats, and the sum of the processes' gradients).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import densenet_fast
+from helpers import reference_twin
+
+CONFIG = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+SHARDS = (2, 3)  # unequal batches: statistics must be weighted by counts
+
+
+def _data():
+    x = torch.randn(sum(SHARDS), 3, 24, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return x, torch.split(x, SHARDS)
+
+
+def _models():
+    torch.manual_seed(0)
+    model = densenet_fast.DenseNet(**CONFIG).double()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model, reference_twin(model, **CONFIG)
+
+
+def _run(rank, world, init_file, check):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        check(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_ddp(rank):
+    model, ref = _models()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _, shards = _data()
+    ddp(shards[rank]).sum().backward()
+    ref(shards[rank]).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        expected = q.grad.clone()
+        dist.all_reduce(expected)  # DDP averages the replicas' gradients
+        torch.testing.assert_close(p.grad, expected / dist.get_world_size(), msg=name)
+
+
+def _check_sync_batchnorm(rank):
+    model, ref = _models()
+    densenet_fast.convert_sync_batchnorm(model)
+    assert isinstance(model.features.norm0, densenet_fast.SyncBatchNorm2d)
+    x, shards = _data()
+    for step in range(2):
+        out = model(shards[rank])
+        out.sum().backward()
+        out_ref = ref(x)
+        out_ref.sum().backward()
+        torch.testing.assert_close(out, torch.split(out_ref.detach(), SHARDS)[rank], msg=f"step {step} output")
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            total = p.grad.clone()
+            dist.all_reduce(total)  # parameter grads are local, as with torch.nn.SyncBatchNorm
+            torch.testing.assert_close(total, q.grad, msg=f"step {step} grad of {name}")
+        model.zero_grad()
+        ref.zero_grad()
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+    # Input gradients: every process gets its rows of the full-batch gradient.
+    xs = shards[rank].clone().requires_grad_(True)
+    model(xs).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref(xr).sum().backward()
+    torch.testing.assert_close(xs.grad, torch.split(xr.grad, SHARDS)[rank])
+
+
+@pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm], ids=["ddp", "sync_batchnorm"])
+def test_two_processes_on_gloo(check, tmp_path):
+    if not dist.is_available():
+        pytest.fail("torch.distributed is not available in this build")
+    mp.spawn(_run, args=(2, str(tmp_path / "init"), check), nprocs=2, join=True)
