@@ -1,3 +1,6 @@
-from .demo import main
+"""``python -m densenet_fast [bench|train|max-depth]``; with no command, the README's main job."""
+import sys
 
-main()
+from .cli import main
+
+sys.exit(main())

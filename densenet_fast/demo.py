@@ -1,11 +1,11 @@
-"""The README's main job (for now): build a model, check it against torchvision, print a memory table."""
+"""The README's main job (``make demo``, ``python -m densenet_fast``): a float64 check against torchvision,
+``densenet-fast train`` with its defaults, then the ``densenet-fast bench`` table with its defaults."""
 from __future__ import annotations
 
 import torch
 import torchvision
 
 import densenet_fast
-from densenet_fast.bench import compare_steps, format_table
 
 
 def _check_against_torchvision() -> None:
@@ -27,15 +27,15 @@ def _check_against_torchvision() -> None:
 
 
 def main() -> None:
+    from .cli import main as cli
+
+    print("## 1. float64 check against torchvision\n")
     _check_against_torchvision()
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 128, 128)
-    tv = torchvision.models.densenet121()
-    models = {"torchvision": tv, "torchvision memory_efficient": torchvision.models.densenet121(memory_efficient=True),
-              "densenet_fast": densenet_fast.convert(tv)}
-    print(f"\nDenseNet-121 training step, batch {x.shape[0]}, {x.shape[2]}x{x.shape[3]}, CPU float32 "
-          f"(full table: python benchmarks/core_benchmark.py)\n")
-    print(format_table(compare_steps(models, x, rounds=2), "torchvision"))
+    for step, argv in (("2. densenet-fast train", ["train"]), ("3. densenet-fast bench", ["bench"])):
+        print(f"\n## {step}\n", flush=True)
+        status = cli(argv)
+        if status:
+            raise SystemExit(status)
 
 
 if __name__ == "__main__":
