@@ -33,6 +33,10 @@ def _switch(name):
 def _extensions():
     if _switch("DENSENET_FAST_BUILD_EXT") is False:
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # The standard toolkit location; torch would otherwise guess from `which nvcc`, wrong
+        # when nvcc on PATH is a wrapper script outside the toolkit.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

@@ -20,6 +20,10 @@
 namespace densenet_fast {
 namespace {
 
+// The kernels call ATen (GEMMs, convolutions) on tensors that may require grad; those calls
+// are implementation details that autograd must not see (these ops have no autograd formula).
+using NestedAtenCalls = at::AutoDispatchBelowADInplaceOrView;
+
 bool built_with_cuda() {
 #ifdef DENSENET_FAST_WITH_CUDA
   return true;
@@ -61,6 +65,7 @@ std::vector<int64_t> conv_output_shape(const Tensor& x, const Tensor& weight, bo
 // ---- Primitives ---------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> channel_stats_op(const Tensor& x) {
+  NestedAtenCalls guard;
   check_x(x, true);
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0, "densenet_fast: channel_stats expected values over N, H, W, got shape ",
               x.sizes());
@@ -71,6 +76,7 @@ std::tuple<Tensor, Tensor> channel_stats_op(const Tensor& x) {
 }
 
 Tensor affine_relu_op(const Tensor& x, const Tensor& scale, const Tensor& shift) {
+  NestedAtenCalls guard;
   check_x(x, true);
   check_bn(x, scale, shift, x.size(1));
   Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format_of(activation_layout(x, "x"))));
@@ -87,6 +93,7 @@ Tensor affine_relu_op(const Tensor& x, const Tensor& scale, const Tensor& shift)
 std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
                                                     const Tensor& shift, const Tensor& center,
                                                     const std::optional<Tensor>& grad_x) {
+  NestedAtenCalls guard;
   check_x(x, true);
   check_bn(x, scale, shift, x.size(1));
   check_channel_vector(center, "center", x, x.size(1));
@@ -110,6 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, con
 
 void bn_grad_finalize_op(const Tensor& grad_x, const Tensor& x, const Tensor& center, const Tensor& coef_x,
                       const Tensor& coef_c) {
+  NestedAtenCalls guard;
   check_x(x, true);
   check_channel_vector(center, "center", x, x.size(1));
   check_channel_vector(coef_x, "coef_x", x, x.size(1));
@@ -131,6 +139,7 @@ void check_layer_args(const Tensor& x, const Tensor& scale, const Tensor& shift,
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift,
                                                    const Tensor& weight, bool with_stats) {
+  NestedAtenCalls guard;
   check_layer_args(x, scale, shift, weight, 1);
   return bn_relu_conv1x1_cpu(x, scale, shift, weight, with_stats);
 }
@@ -138,6 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_op(const Tensor& x, const Ten
 std::tuple<Tensor, Tensor> bn_relu_conv3x3_op(const Tensor& z, const Tensor& scale, const Tensor& shift,
                                            const Tensor& weight, const Tensor& out, const std::optional<Tensor>& noise,
                                            bool with_stats) {
+  NestedAtenCalls guard;
   check_layer_args(z, scale, shift, weight, 3);
   const auto shape = conv_output_shape(z, weight, false);
   check_like(out, "out", z, shape, "(N, out_channels, H, W)");
@@ -158,6 +168,7 @@ void check_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, false);
   return bn_relu_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
 }
@@ -165,11 +176,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
     const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  NestedAtenCalls guard;
   check_backward_args(grad_out, z, scale, shift, weight, center, grad_x, 3, false);
   return bn_relu_conv3x3_backward_cpu(grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad);
 }
 
 Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
+  NestedAtenCalls guard;
   check_layer_args(x, scale, shift, weight, 1);
   return bn_relu_pool_conv1x1_cpu(x, scale, shift, weight);
 }
@@ -177,6 +190,7 @@ Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+  NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, true);
   return bn_relu_pool_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
 }

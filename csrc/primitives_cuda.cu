@@ -7,11 +7,14 @@
 // channel's pixels are adjacent, and (32 x 8) for channels_last, where neighbouring channels
 // are, so loads coalesce in both. Each grid row (blockIdx.y) writes per-channel partial results
 // that a second kernel merges in order: deterministic, no atomics.
+// c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a
+// minimal CUDA toolkit (nvcc + runtime) doesn't ship.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include "dense_ops.h"
 
@@ -20,6 +23,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxSplits = 64;
+
+int64_t multiprocessors() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
 
 struct Launch {
   dim3 grid, block;
@@ -31,7 +41,7 @@ Launch reduction_launch(const ActivationLayout& l) {
   const dim3 block = l.channels_inner() ? dim3(32, kThreads / 32) : dim3(1, kThreads);
   const int64_t groups = (l.channels + block.x - 1) / block.x;
   const int64_t values = l.batch * l.pixels;
-  const int64_t target_blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target_blocks = 4 * multiprocessors();
   int64_t splits = std::max<int64_t>(1, target_blocks / std::max<int64_t>(1, groups));
   splits = std::min<int64_t>({splits, kMaxSplits, std::max<int64_t>(1, (values + block.y - 1) / block.y)});
   return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), block, splits};
@@ -196,7 +206,7 @@ __global__ void bn_grad_finalize_kernel(scalar_t* __restrict__ grad_x, Activatio
 }
 
 unsigned elementwise_blocks(int64_t total) {
-  const int64_t max_blocks = 32 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t max_blocks = 32 * multiprocessors();
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(max_blocks, (total + kThreads - 1) / kThreads)));
 }
 
@@ -211,7 +221,7 @@ std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
   Tensor mean = at::empty({l.channels}, stats_options), var = at::empty({l.channels}, stats_options);
   if (l.channels == 0) return {mean, var};
   const Launch launch = reduction_launch(l);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     // Partial moments as raw bytes: three acc_t per (split, channel).
@@ -232,7 +242,7 @@ void affine_relu_cuda_out(const Tensor& x, const Tensor& scale, const Tensor& sh
   const ActivationLayout lx = activation_layout(x, "x"), ly = activation_layout(y, "y");
   const int64_t total = x.numel();
   if (total == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_relu_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -258,7 +268,7 @@ std::tuple<Tensor, Tensor> bn_relu_backward_cuda_out(const Tensor& grad_y, const
   Tensor sum_dy = at::zeros({lx.channels}, stats_options), sum_dy_xc = at::zeros({lx.channels}, stats_options);
   if (lx.channels == 0 || lx.batch * lx.pixels == 0) return {sum_dy, sum_dy_xc};
   const Launch launch = reduction_launch(lx);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Tensor partial = at::empty({2 * launch.splits * lx.channels}, stats_options);
@@ -289,7 +299,7 @@ void bn_grad_finalize_cuda(const Tensor& grad_x, const Tensor& x, const Tensor& 
   const ActivationLayout lx = activation_layout(x, "x"), lg = activation_layout(grad_x, "grad_x");
   const int64_t total = x.numel();
   if (total == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_finalize_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     if (lx.channels_inner()) {

@@ -13,6 +13,7 @@ Fake implementations of every op are registered here, so torch.compile can trace
 """
 from __future__ import annotations
 
+import importlib
 from typing import Iterator, Optional
 
 import torch
@@ -22,7 +23,8 @@ from torch import Tensor
 from .interface import Backend, ConvGrads, stats_dtype
 
 try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.densenet_fast)
+    # Loading the library registers torch.ops.densenet_fast.
+    importlib.import_module(__name__.rsplit(".", 2)[0] + "._C")
 except ImportError as err:  # the registry then reports "cpp" unavailable
     raise ImportError(
         "the 'cpp' backend needs the compiled extension densenet_fast._C, which is not built in this "

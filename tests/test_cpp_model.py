@@ -1,0 +1,155 @@
+"""Whole models on backend "cpp" against ``densenet_fast.reference.DenseNet`` in float64.
+
+One training step (forward, backward) of a small DenseNet with random BN affine parameters and
+running statistics: outputs, the input gradient, every parameter gradient and the running
+statistics afterwards must match the naive cat -> BN -> ReLU -> conv model.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import densenet_fast
+from densenet_fast import reference
+from densenet_fast import ops as registry
+
+if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
+    pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)
+
+from densenet_fast.ops.cpp_backend import CppBackend  # noqa: E402
+
+ATOL, RTOL = 1e-9, 1e-7
+
+SMALL = dict(growth_rate=6, block_config=(3, 2), num_init_features=10, bn_size=2, num_classes=5)
+
+
+@pytest.fixture(autouse=True)
+def reset_backend():
+    densenet_fast.set_backend(None)
+    yield
+    densenet_fast.set_backend(None)
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """BN weights, biases and running stats away from their 1/0 defaults, so every term counts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(0.3 * torch.randn(c, generator=g, dtype=torch.float64))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+
+
+def model_pair(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    config = {**SMALL, **kwargs}
+    fast = densenet_fast.DenseNet(**config).double()
+    randomize_norms(fast, seed + 1)
+    ref = reference.DenseNet(**{k: v for k, v in config.items()}).double()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def step(model, x, grad_seed, backend=None):
+    """One forward/backward; returns output, input grad, parameter grads and buffers."""
+    x = x.clone().requires_grad_()
+    out = model(x)
+    g = torch.Generator().manual_seed(grad_seed)
+    out.backward(torch.randn(out.shape, generator=g, dtype=out.dtype))
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return out.detach(), x.grad, grads, buffers
+
+
+def assert_same_step(fast_result, ref_result):
+    out, grad_x, grads, buffers = fast_result
+    r_out, r_grad_x, r_grads, r_buffers = ref_result
+    torch.testing.assert_close(out, r_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(grad_x, r_grad_x, atol=ATOL, rtol=RTOL)
+    assert grads.keys() == r_grads.keys()
+    for name in grads:
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], r_grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+    assert buffers.keys() == r_buffers.keys()
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], r_buffers[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def input_batch(shape, seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def test_cpp_is_available_and_preferred_on_cpu():
+    assert "cpp" in densenet_fast.available_backends()
+    assert registry.backend_for(torch.ones(1, 2, 3, 3)).name == "cpp"
+    # What it can't compute falls back to the portable backend.
+    assert registry.backend_for(torch.ones(1, 2, 3, 3, dtype=torch.bfloat16)).name == "torch"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_training_step_matches_reference(channels_last, memory_efficient):
+    fast, ref = model_pair(seed=1, memory_efficient=memory_efficient)
+    x = input_batch((2, 3, 37, 35), seed=2, channels_last=channels_last)
+    densenet_fast.set_backend("cpp")
+    assert_same_step(step(fast, x, 3), step(ref, x, 3))
+
+
+def test_small_inputs_batch_one_odd_sizes():
+    fast, ref = model_pair(seed=4, small_inputs=True, growth_rate=5, block_config=(2, 3, 2), num_init_features=7)
+    x = input_batch((1, 3, 11, 9), seed=5)
+    densenet_fast.set_backend("cpp")
+    assert_same_step(step(fast, x, 6), step(ref, x, 6))
+
+
+def test_eval_mode_uses_running_stats():
+    fast, ref = model_pair(seed=7)
+    fast.eval()
+    ref.eval()
+    x = input_batch((2, 3, 33, 31), seed=8)
+    densenet_fast.set_backend("cpp")
+    assert_same_step(step(fast, x, 9), step(ref, x, 9))
+
+
+def test_dropout_with_the_same_seed():
+    fast, ref = model_pair(seed=10, drop_rate=0.25)
+    x = input_batch((2, 3, 29, 27), seed=11)
+    densenet_fast.set_backend("cpp")
+    torch.manual_seed(12)
+    fast_result = step(fast, x, 13)
+    torch.manual_seed(12)
+    assert_same_step(fast_result, step(ref, x, 13))
+
+
+def test_device_composite_path_matches_reference(monkeypatch):
+    # The path CUDA runs (extension kernels + ATen convs), here over the CPU kernels.
+    monkeypatch.setitem(registry._FACTORIES, "cpp-composite", lambda: CppBackend(fused_cpu=False))
+    monkeypatch.delitem(registry._instances, "cpp-composite", raising=False)
+    fast, ref = model_pair(seed=14)
+    x = input_batch((2, 3, 37, 35), seed=15, channels_last=True)
+    densenet_fast.set_backend("cpp-composite")
+    try:
+        assert_same_step(step(fast, x, 16), step(ref, x, 16))
+    finally:
+        densenet_fast.set_backend(None)
+        registry._instances.pop("cpp-composite", None)
+
+
+def test_float32_step_close_to_reference():
+    fast, ref = model_pair(seed=17)
+    fast, ref = fast.float(), ref.float()
+    x = input_batch((2, 3, 37, 35), seed=18).float()
+    densenet_fast.set_backend("cpp")
+    out, grad_x, grads, buffers = step(fast, x, 19)
+    r_out, r_grad_x, r_grads, r_buffers = step(ref, x, 19)
+    torch.testing.assert_close(out, r_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_x, r_grad_x, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], r_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
