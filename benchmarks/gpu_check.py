@@ -3,6 +3,10 @@
     python benchmarks/gpu_check.py --out FILE [--deadline EPOCH_SECONDS] [--compile]
     python benchmarks/gpu_check.py --cpu-smoke --out FILE   # tiny shapes on CPU: checks the plumbing only
 
+The triton backend's float32 GEMMs use TF32 only when torch.backends.cuda.matmul.allow_tf32 is set
+(``--tf32``), while torchvision's cuDNN convolutions use TF32 by default (cudnn.allow_tf32): the
+float32 tables say which applied.
+
 Workloads: DenseNet-121 at batch 64, 224x224 and DenseNet-BC-100 (k=12) at batch 64, 32x32, each in
 float32 and under bfloat16 autocast. For every workload one markdown table (peak memory from
 torch.cuda.max_memory_allocated, median training-step time) over each available densenet_fast
@@ -117,7 +121,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile'd torchvision (slow to compile)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, to check the script itself")
+    parser.add_argument("--tf32", action="store_true",
+                        help="set torch.backends.cuda.matmul.allow_tf32, so float32 kernels use TF32 like cuDNN's")
     args = parser.parse_args()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -137,8 +145,9 @@ def main() -> None:
     precisions = [("float32", None), ("bf16 autocast", torch.bfloat16)]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: plumbing only)"
     log(f"\n## Benchmarks on {name}\n\ntorch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"densenet_fast backends {densenet_fast.available_backends()}, tf32 matmul "
-        f"{torch.backends.cuda.matmul.allow_tf32}, {args.rounds} timed rounds (median)\n")
+        f"densenet_fast backends {densenet_fast.available_backends()}, TF32: matmul (the triton backend follows it) "
+        f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN (torchvision's convolutions) {torch.backends.cudnn.allow_tf32}; "
+        f"{args.rounds} timed rounds (median)\n")
 
     for title, make_tv, batch, size in workloads:
         for precision, autocast_dtype in precisions:

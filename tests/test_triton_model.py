@@ -21,9 +21,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def triton_backend():
+    # On a GPU the reference's cuDNN convolutions would use TF32 by default: compare full float32.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     densenet_fast.set_backend("triton")
     yield
     densenet_fast.set_backend(None)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _pair(channels_last: bool, drop_rate: float = 0.0):
@@ -92,7 +96,7 @@ def test_backend_serves_only_what_it_can(triton_backend):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the Triton kernels on CUDA only")
-def test_ops_trace_under_torch_compile():
+def test_ops_trace_under_torch_compile(triton_backend):
     """A layer's two forward ops in one fullgraph-compiled function (``out`` mutated in place) match eager."""
     from densenet_fast.ops.triton import bn_relu_conv1x1, bn_relu_conv3x3
 

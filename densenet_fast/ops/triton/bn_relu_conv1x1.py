@@ -43,7 +43,7 @@ def _conv1x1_fwd_kernel(
         pix = offs_p * s_xw
     x_base = x_ptr + n.to(tl.int64) * s_xn
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_CO], 0.0, tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < C_in

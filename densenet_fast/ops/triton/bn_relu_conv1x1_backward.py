@@ -45,7 +45,7 @@ def _conv1x1_bwd_data_kernel(
     p_ok = offs_p < HW_out
     ci_ok = offs_ci < C_in
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_CI], 0.0, tl.float32)
     for co0 in range(0, C_out, BLOCK_CO):
         offs_co = co0 + tl.arange(0, BLOCK_CO)
         co_ok = offs_co < C_out
@@ -62,8 +62,8 @@ def _conv1x1_bwd_data_kernel(
         acc = acc * 0.25  # each of the four inputs under an output pixel gets a quarter
         ho = offs_p // W_out
         wo = offs_p % W_out
-        sum_dy = tl.zeros([BLOCK_CI], dtype=tl.float32)
-        sum_dy_xc = tl.zeros([BLOCK_CI], dtype=tl.float32)
+        sum_dy = tl.full([BLOCK_CI], 0.0, tl.float32)
+        sum_dy_xc = tl.full([BLOCK_CI], 0.0, tl.float32)
         for i in tl.static_range(4):
             hh = 2 * ho + i // 2
             ww = 2 * wo + i % 2
@@ -98,7 +98,7 @@ def _conv1x1_bwd_weight_kernel(
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     dot_dtype = g_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
         n = (t // n_hw_tiles).to(tl.int64)

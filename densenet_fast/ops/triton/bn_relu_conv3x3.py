@@ -40,7 +40,7 @@ def _conv3x3_fwd_kernel(
     w = offs_p % W
     z_base = z_ptr + n * s_zn
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_CO], 0.0, tl.float32)
     for tap in range(9):
         dh = tap // 3 - 1
         dw = tap % 3 - 1

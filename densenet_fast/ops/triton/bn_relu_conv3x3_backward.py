@@ -45,7 +45,7 @@ def _conv3x3_bwd_data_kernel(
     h = offs_p // W
     w = offs_p % W
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_CI], 0.0, tl.float32)
     for tap in range(9):
         dh = tap // 3 - 1
         dw = tap % 3 - 1
@@ -93,7 +93,7 @@ def _conv3x3_bwd_weight_kernel(
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     dot_dtype = g_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
         n = (t // n_hw_tiles).to(tl.int64)

@@ -51,8 +51,9 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
 
 
 def pixel_block(hw: int) -> int:
-    """Pixels per tile: one of three sizes, so few kernel variants are ever compiled."""
-    return 32 if hw <= 32 else 64 if hw <= 1024 else 128
+    """Pixels per GEMM tile: one of two sizes, so few kernel variants are compiled (each costs
+    seconds, and a DenseNet's maps come in four sizes per precision)."""
+    return 32 if hw <= 32 else 64
 
 
 def hw_stride(t: Tensor) -> Optional[int]:
@@ -78,6 +79,25 @@ def strides_nchw(t: Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+if interpreting() and isinstance(tl.standard.sum, JITFunction):
+    # Triton was imported before TRITON_INTERPRET=1 was set, so its own @jit library functions
+    # (tl.sum, tl.zeros; the kernels use tl.full) are compiled-only and fail inside interpreted
+    # kernels: sum through tl.reduce and a combine function decorated like our kernels (slower).
+    @triton.jit
+    def column_sum(v):
+        return tl.reduce(v, 0, _add)
+else:
+    @triton.jit
+    def column_sum(v):
+        """``tl.sum(v, axis=0)``."""
+        return tl.sum(v, axis=0)
+
+
+@triton.jit
 def bn_relu(x, scale, shift, valid):
     """relu(x * scale + shift) in float32, zero where ``valid`` is false (padding, tile overhang)."""
     y = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
@@ -92,11 +112,11 @@ def tile_stats(v, valid, first_row, count):
     Sums are taken of deviations from the tile's first row, so a large mean costs no precision: the
     mean is accurate to about an ulp of itself, and the variance to float32 of the deviations.
     """
-    first = tl.sum(tl.where(valid & first_row[:, None], v, 0.0), axis=0)
+    first = column_sum(tl.where(valid & first_row[:, None], v, 0.0))
     dev = tl.where(valid, v - first[None, :], 0.0)
-    mean_dev = tl.sum(dev, axis=0) / count
+    mean_dev = column_sum(dev) / count
     centered = tl.where(valid, dev - mean_dev[None, :], 0.0)
-    return first + mean_dev, tl.sum(centered * centered, axis=0)
+    return first + mean_dev, column_sum(centered * centered)
 
 
 @triton.jit
@@ -110,7 +130,7 @@ def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.con
         g += tl.load(gx_ptrs, mask=valid, other=0.0).to(tl.float32)
     tl.store(gx_ptrs, g.to(gx_ptrs.dtype.element_ty), mask=valid)
     xc = tl.where(valid, xf - center[None, :], 0.0)
-    return tl.sum(dy, axis=0), tl.sum(dy * xc, axis=0)
+    return column_sum(dy), column_sum(dy * xc)
 
 
 @triton.jit
@@ -124,16 +144,16 @@ def _stats_finalize_kernel(
     # The mean as the first tile's mean plus the count-weighted deviations of every tile's mean
     # from it: no sum of raw values is ever formed.
     m0 = tl.load(pmean_ptr + offs_c, mask=c_ok, other=0.0)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.full([BLOCK_C], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         ok = t_ok[:, None] & c_ok[None, :]
         count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
         m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
-        acc += tl.sum(tl.where(ok, count[:, None] * (m - m0[None, :]), 0.0), axis=0)
+        acc += column_sum(tl.where(ok, count[:, None] * (m - m0[None, :]), 0.0))
     mean = m0 + acc / total
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
@@ -142,7 +162,7 @@ def _stats_finalize_kernel(
         m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
         q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
         d = m - mean[None, :]
-        m2 += tl.sum(tl.where(ok, q + count[:, None] * d * d, 0.0), axis=0)
+        m2 += column_sum(tl.where(ok, q + count[:, None] * d * d, 0.0))
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + offs_c, m2 / total, mask=c_ok)
 
