@@ -1,45 +1,39 @@
-"""The dense-block algorithm: a whole dense block (and the transition after it) as one autograd node.
+"""A dense block (and the transition after it) as one registered custom op with its own backward.
 
-Forward
-    One feature buffer N x (C0 + L*k) x H x W per block. The block input is copied into its first C0
-    channels and every layer writes its k new channels into its own slice: no torch.cat. The batch
-    mean and variance of a buffer channel are computed once, when the channel is written, and reused
-    by every later BN that reads it (each with its own weight, bias, eps and running stats). Saved
-    for backward: the buffer, the per-channel statistics and the small per-layer BN coefficients.
+``dense_stage(x, Stage(...))`` is what the models call. It turns the stage's modules into plain
+numbers and tensors and calls ``densenet_fast::dense_stage``, a ``torch.library`` custom op whose
+backward is another custom op, so the whole stage is one autograd node in eager mode and one
+opaque node that ``torch.compile`` traces without graph breaks. The math is in
+``block_algorithm.py``.
 
-Backward
-    One gradient buffer G of the block's size. Layers are walked in reverse; each recomputes its
-    bottleneck from the buffer and adds ``scale * dy`` into G's prefix. BN's backward through the
-    batch statistics is linear in dy with per-channel coefficients,
-
-        dx = scale * dy + coef_x * (x - mean) + coef_c,
-        coef_x = -scale * invstd * sum(dy * xhat) / M,   coef_c = -scale * sum(dy) / M,
-
-    so the coefficients of every BN that read a channel are summed and applied to G once, when the
-    walk reaches the layer that wrote the channel (all of its readers are done by then).
-
-The arithmetic over tensors goes through the backend's op interface (``ops/interface.py``); this
-module only does per-channel bookkeeping. Layers and transitions are duck-typed modules with
-torchvision's attributes (``norm1, conv1, norm2, conv2, drop_rate`` and ``norm, conv``).
+Running stats are updated exactly once per training forward: the op returns their new values and
+the wrapper copies them into the module buffers (custom ops with autograd must be functional).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .ops import backend_for
-from .ops.interface import Backend, stats_dtype
+from . import block_algorithm as algo
+from .ops import backend_for, backend_named
+from .ops.interface import stats_dtype
 from .sync import BatchSync, active_group
 
-_PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
-_PARAMS_PER_TRANSITION = 3  # norm.weight, norm.bias, conv.weight
+# Process groups of synchronized stages, referred to by index in the op's arguments.
+_PROCESS_GROUPS: list = []
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    # torch.nn.BatchNorm's rule: batch statistics in training, or when no running stats are kept.
+    return norm.training or norm.running_mean is None
 
 
 class Stage:
-    """What one autograd node computes: a dense block's layers, then optionally a transition.
+    """What one node computes: a dense block's layers, then optionally a transition.
 
     ``memory_efficient=False`` keeps each layer's bottleneck (conv1 output) for backward instead
     of recomputing it: more memory, one conv1x1 less per layer in backward.
@@ -50,26 +44,17 @@ class Stage:
         if not layers and transition is None:
             raise ValueError("a stage needs at least one dense layer or a transition")
         self.name = name  # for error messages, e.g. 'features.denseblock2 + features.transition2'
-        # SyncBatchNorm semantics across process_group (None: the default group) when distributed.
-        self.sync_batchnorm, self.process_group = sync_batchnorm, process_group
         self.layers = list(layers)
         self.transition = transition
         self.memory_efficient = memory_efficient
-        self.in_channels = (
-            self.layers[0].norm1.num_features if self.layers else transition.norm.num_features
-        )
+        # SyncBatchNorm semantics across process_group (None: the default group) when distributed.
+        self.sync_batchnorm, self.process_group = sync_batchnorm, process_group
+        self.in_channels = self.layers[0].norm1.num_features if self.layers else transition.norm.num_features
         self.growth_rate = self.layers[0].conv2.out_channels if self.layers else 0
 
-    def any_batch_stats(self) -> bool:
-        """Whether any BN of the stage (bottlenecks included) normalizes with batch statistics."""
-        return self.reads_batch_stats() or any(_uses_batch_stats(layer.norm2) for layer in self.layers)
-
-    def reads_batch_stats(self) -> bool:
-        """Whether any BN reading the buffer normalizes with batch statistics."""
-        norms = [layer.norm1 for layer in self.layers]
-        if self.transition is not None:
-            norms.append(self.transition.norm)
-        return any(_uses_batch_stats(m) for m in norms)
+    def norms(self) -> list[nn.BatchNorm2d]:
+        norms = [n for layer in self.layers for n in (layer.norm1, layer.norm2)]
+        return norms + ([self.transition.norm] if self.transition is not None else [])
 
     def params(self) -> list[Optional[Tensor]]:
         flat: list[Optional[Tensor]] = []
@@ -82,80 +67,177 @@ class Stage:
         return flat
 
 
-class _BN(NamedTuple):
-    """One BN as the ops see it: relu(x * scale + shift); backward reduces around ``center``."""
-
-    scale: Tensor
-    shift: Tensor
-    center: Tensor
-    invstd: Tensor
-    batch_stats: bool  # normalized with batch statistics (so backward goes through them)
+_OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
 
 
-def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
-    # torch.nn.BatchNorm's rule: batch statistics in training, or when no running stats are kept.
-    return norm.training or norm.running_mean is None
+@contextlib.contextmanager
+def _out_of_memory_names(name: str, x: Tensor, phase: str):
+    """Re-raise running out of memory with the block, the batch and what to do about it."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError; so is CPU allocation failure
+        if not any(m in str(err) for m in _OOM_MESSAGES):
+            raise
+        n, _, h, w = x.shape
+        raise type(err)(
+            f"densenet_fast ran out of memory in the {phase} of {name} (batch {n}, {h}x{w}, {x.dtype}); "
+            f"try a smaller batch or a smaller input. Original error: {err}"
+        ) from None
 
 
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """torch.nn.BatchNorm's update: unbiased variance, ``momentum`` or a cumulative average."""
-    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
-        return
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-    if norm.momentum is None:
-        factor = 1.0 / float(norm.num_batches_tracked)
+# --- the custom ops -------------------------------------------------------------------------------
+# Argument lists: ints = [growth_rate, num_layers, has_transition, memory_efficient, sync group or -1];
+# per norm: eps, momentum (nan: None), batch_stats, update, has_running; running holds (mean, var,
+# num_batches_tracked) for each norm with has_running; absent tensors are empty placeholders.
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _spec(ints, eps, momentum, batch_stats, update, has_running, running, drop_rates, local_count, device):
+    growth_rate, num_layers, has_transition, memory_efficient, group_index = ints
+    norms, r = [], 0
+    for i in range(len(eps)):
+        run = None
+        if has_running[i]:
+            run = (running[r], running[r + 1], _none_if_empty(running[r + 2]))
+            r += 3
+        norms.append(algo.NormSpec(eps[i], None if math.isnan(momentum[i]) else momentum[i], batch_stats[i],
+                                   update[i], run))
+    sync = BatchSync(_PROCESS_GROUPS[group_index], local_count, device) if group_index >= 0 else None
+    return algo.StageSpec(growth_rate, num_layers, bool(has_transition), norms, list(drop_rates),
+                          bool(memory_efficient), sync)
+
+
+def _op_params(params: list[Tensor], dtype: torch.dtype) -> list[Optional[Tensor]]:
+    """Parameters as the algorithm takes them: conv weights (4-D) in the activations' dtype."""
+    return [None if _none_if_empty(p) is None else (p.to(dtype) if p.dim() == 4 else p) for p in params]
+
+
+@torch.library.custom_op("densenet_fast::dense_stage", mutates_args=())
+def _dense_stage_op(
+    x: Tensor, params: list[Tensor], running: list[Tensor], ints: list[int], eps: list[float],
+    momentum: list[float], batch_stats: list[bool], update: list[bool], has_running: list[bool],
+    drop_rates: list[float], for_backward: bool, backend: str, name: str,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns (output, buffer or empty, channel means, BN coefficients, masks, bottlenecks, new running stats)."""
+    n, _, h, w = x.shape
+    spec = _spec(ints, eps, momentum, batch_stats, update, has_running, running, drop_rates, n * h * w, x.device)
+    out, saved, new_running = algo.forward(backend_named(backend), x, spec, _op_params(params, x.dtype), for_backward)
+    empty = x.new_empty(0)
+    if saved is None:
+        return out, empty, x.new_empty(0, dtype=stats_dtype(x.dtype)), [], [], [], new_running
+    # Outputs may alias neither inputs nor each other: the small per-channel tensors are cloned.
+    buf = saved.buf if (spec.num_layers > 0 and spec.has_transition) else empty
+    coefs = [t.clone() for bn in saved.coefs for t in bn]
+    masks = [empty.clone() if m is None else m for m in saved.masks]
+    bottlenecks = [empty.clone() if z is None else z for z in saved.bottlenecks]
+    return out, buf, saved.mean, coefs, masks, bottlenecks, new_running
+
+
+@_dense_stage_op.register_fake
+def _(x, params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates, for_backward, backend,
+      name):
+    growth_rate, num_layers, has_transition, memory_efficient, _ = ints
+    n, c0, h, w = x.shape
+    channels = c0 + num_layers * growth_rate
+    fmt, sdt = algo.memory_format(x), stats_dtype(x.dtype)
+    buf_shape = (n, channels, h, w)
+    if has_transition:
+        out = x.new_empty((n, params[-1].shape[0], h // 2, w // 2)).contiguous(memory_format=fmt)
     else:
-        factor = norm.momentum
-    rm, rv = norm.running_mean, norm.running_var
-    rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
-    rv.mul_(1.0 - factor).add_((var * (count / (count - 1))).to(rv.dtype), alpha=factor)
+        out = x.new_empty(buf_shape).contiguous(memory_format=fmt)
+    new_running = []
+    for i in range(len(eps)):
+        if has_running[i] and batch_stats[i] and update[i]:
+            r = sum(has_running[:i]) * 3
+            new_running += [torch.empty_like(running[r]), torch.empty_like(running[r + 1])]
+            if running[r + 2].numel():
+                new_running.append(torch.empty_like(running[r + 2]))
+    empty = x.new_empty(0)
+    if not for_backward:
+        return out, empty, x.new_empty(0, dtype=sdt), [], [], [], new_running
+    buf = x.new_empty(buf_shape).contiguous(memory_format=fmt) if (num_layers and has_transition) else empty
+    coefs = []
+    for i in range(len(eps)):
+        width = (c0 + (i // 2) * growth_rate if i % 2 == 0 else params[6 * (i // 2) + 2].shape[0]) \
+            if i < 2 * num_layers else channels
+        coefs += [x.new_empty(width, dtype=sdt) for _ in range(4)]
+    masks = [x.new_empty((n, growth_rate, h, w)) if p > 0 else x.new_empty(0) for p in drop_rates]
+    bottlenecks = [x.new_empty((n, params[6 * i + 2].shape[0], h, w)) if not memory_efficient else x.new_empty(0)
+                   for i in range(num_layers)]
+    masks = [m.to(torch.bool) if m.numel() else m for m in masks]
+    return out, buf, x.new_empty(channels, dtype=sdt), coefs, masks, bottlenecks, new_running
 
 
-def _normalize(norm: nn.BatchNorm2d, weight, bias, mean, var, count: int, sdt: torch.dtype) -> _BN:
-    """The BN coefficients of ``norm`` over channels with batch ``mean``/``var``; updates running stats."""
-    if _uses_batch_stats(norm):
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {count} (batch x height x width)"
-            )
-        _update_running_stats(norm, mean, var, count)
-        batch = True
-    else:
-        mean, var = norm.running_mean.to(sdt), norm.running_var.to(sdt)
-        batch = False
-    invstd = torch.rsqrt(var + norm.eps)
-    scale = invstd if weight is None else weight.detach().to(sdt) * invstd
-    shift = -mean * scale if bias is None else bias.detach().to(sdt) - mean * scale
-    return _BN(scale, shift, mean, invstd, batch)
+@torch.library.custom_op("densenet_fast::dense_stage_backward", mutates_args=())
+def _dense_stage_backward_op(
+    grad_out: Tensor, buf: Tensor, mean: Tensor, coefs: list[Tensor], masks: list[Tensor],
+    bottlenecks: list[Tensor], params: list[Tensor], ints: list[int], batch_stats: list[bool],
+    drop_rates: list[float], in_channels: int, channels_last: bool, needs: list[bool], backend: str,
+) -> tuple[Tensor, list[Tensor]]:
+    """Returns (grad of the stage input, grads of params with empty tensors where not needed)."""
+    n, _, h, w = buf.shape
+    num = len(batch_stats)
+    spec = _spec(ints, [0.0] * num, [0.0] * num, batch_stats, [False] * num, [False] * num, [], drop_rates,
+                 n * h * w, buf.device)
+    saved = algo.Saved(buf, mean, [algo.BNCoefs(*coefs[i:i + 4]) for i in range(0, len(coefs), 4)],
+                       [_none_if_empty(m) for m in masks], [_none_if_empty(z) for z in bottlenecks])
+    x_format = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x, grads = algo.backward(backend_named(backend), spec, saved, grad_out, in_channels, x_format,
+                                  _op_params(params, buf.dtype), needs)
+    empty = buf.new_empty(0)
+    return grad_x, [empty.clone() if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
 
 
-def _param_grads(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, weight, bias):
-    grad_w = (bn.invstd * sum_dy_xc).to(weight.dtype) if weight is not None else None
-    grad_b = sum_dy.to(bias.dtype) if bias is not None else None
-    return grad_w, grad_b
+@_dense_stage_backward_op.register_fake
+def _(grad_out, buf, mean, coefs, masks, bottlenecks, params, ints, batch_stats, drop_rates, in_channels,
+      channels_last, needs, backend):
+    n, _, h, w = buf.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x = buf.new_empty((n, in_channels, h, w)).contiguous(memory_format=fmt)
+    return grad_x, [torch.empty_like(p) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
 
 
-def _w(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A conv weight in the activations' dtype (a cast only under autocast)."""
-    return weight.detach().to(dtype)
+def _setup_context(ctx, inputs, output):
+    (x, params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates, for_backward,
+     backend, name) = inputs
+    out, buf, mean, coefs, masks, bottlenecks, new_running = output
+    num_layers, has_transition = ints[1], ints[2]
+    kept = x if num_layers == 0 else (buf if has_transition else out)
+    ctx.save_for_backward(kept, mean, *coefs, *masks, *bottlenecks, *params)
+    ctx.mark_non_differentiable(buf, mean, *coefs, *masks, *bottlenecks, *new_running)
+    ctx.sizes = (len(coefs), len(masks), len(bottlenecks), len(params), len(running))
+    ctx.args = (ints, batch_stats, drop_rates, x.shape[1], algo.memory_format(x) == torch.channels_last, backend)
+    ctx.name = name
+    # Gradients mirror the inputs' structure; torch.library treats an empty list as a list, not a leaf.
+    ctx.no_grads = tuple([] if isinstance(a, list) and not a else None for a in inputs[3:])
+    ctx.needs = [p.requires_grad for p in params]
+    ctx.x_needs = x.requires_grad
 
 
-def _grad_as(grad: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
-    return None if grad is None else grad.to(param.dtype)
+def _backward(ctx, grad_out, *unused_grads):
+    n_coefs, n_masks, n_bottlenecks, n_params, n_running = ctx.sizes
+    saved = ctx.saved_tensors
+    kept, mean = saved[0], saved[1]
+    rest = saved[2:]
+    coefs, rest = list(rest[:n_coefs]), rest[n_coefs:]
+    masks, rest = list(rest[:n_masks]), rest[n_masks:]
+    bottlenecks, params = list(rest[:n_bottlenecks]), list(rest[n_bottlenecks:])
+    ints, batch_stats, drop_rates, in_channels, channels_last, backend = ctx.args
+    with _out_of_memory_names(ctx.name, kept, "backward"):
+        grad_x, grads = torch.ops.densenet_fast.dense_stage_backward(
+            grad_out.contiguous(memory_format=algo.memory_format(grad_out)), kept, mean, coefs, masks, bottlenecks,
+            params, ints, batch_stats, drop_rates, in_channels, channels_last, ctx.needs, backend)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs)]
+    return (grad_x if ctx.x_needs else None, grads, [None] * n_running) + ctx.no_grads
 
 
-def _batch_coefs(bn: _BN, sum_dy: Tensor, sum_dy_xc: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """coef_x, coef_c of the backward through the batch statistics (see the module docstring)."""
-    coef_x = -bn.scale * bn.invstd * bn.invstd * sum_dy_xc / count
-    coef_c = -bn.scale * sum_dy / count
-    return coef_x, coef_c
+_dense_stage_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+# --- the entry point ------------------------------------------------------------------------------
 
 
 def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], autocast: bool) -> None:
@@ -173,182 +255,16 @@ def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], au
         raise ValueError(f"a transition pools 2x2: expected H and W of at least 2, got {tuple(x.shape[2:])}")
 
 
-def _forward(backend: Backend, x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], for_backward: bool):
-    n, c0, h, w = x.shape
-    k, num_layers = stage.growth_rate, len(stage.layers)
-    channels = c0 + num_layers * k
-    sdt = stats_dtype(x.dtype)
-    need_stats = stage.reads_batch_stats()
-    sync_on, group = active_group(stage.sync_batchnorm and stage.any_batch_stats(), stage.process_group)
-    sync = BatchSync(group, n * h * w, x.device) if sync_on else None
-    count = sync.total if sync else n * h * w  # values per channel that BN's statistics cover
-
-    if num_layers == 0:
-        buf = x
-    else:
-        buf = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-        buf[:, :c0].copy_(x)
-    mean = torch.zeros(channels, dtype=sdt, device=x.device)
-    var = torch.ones(channels, dtype=sdt, device=x.device)
-    if need_stats:
-        mean[:c0], var[:c0] = _stats(backend.channel_stats(x), sync)
-
-    records = []  # per layer: (bn1, bn2, dropout keep-mask or None, kept bottleneck or None)
-    for i, layer in enumerate(stage.layers):
-        c = c0 + i * k
-        w1, b1, conv1, w2, b2, conv2 = params[i * _PARAMS_PER_LAYER:(i + 1) * _PARAMS_PER_LAYER]
-        bn1 = _normalize(layer.norm1, w1, b1, mean[:c], var[:c], count, sdt)
-        need_z_stats = _uses_batch_stats(layer.norm2)
-        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, _w(conv1, x.dtype), need_z_stats)
-        if need_z_stats:
-            z_mean, z_var = _stats((z_mean, z_var), sync)
-        bn2 = _normalize(layer.norm2, w2, b2, z_mean, z_var, count, sdt)
-        noise = None
-        if layer.training and layer.drop_rate > 0:
-            # F.dropout's CPU formula and RNG use, so a seeded run matches torchvision's masks.
-            p = float(layer.drop_rate)
-            noise = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-            noise.div_(1 - p) if p < 1 else noise.zero_()
-        f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, _w(conv2, x.dtype), buf[:, c:c + k], noise, need_stats)
-        if need_stats:
-            mean[c:c + k], var[c:c + k] = _stats((f_mean, f_var), sync)
-        if for_backward:
-            keep = noise.ne(0) if noise is not None else None
-            records.append((bn1, bn2, keep, None if stage.memory_efficient else z))
-        del z, noise
-
-    bnt = None
-    out = buf
-    if stage.transition is not None:
-        wt, bt, convt = params[num_layers * _PARAMS_PER_LAYER:]
-        bnt = _normalize(stage.transition.norm, wt, bt, mean, var, count, sdt)
-        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, _w(convt, x.dtype))
-    return out, buf, mean, records, bnt, sync
-
-
-def _stats(mean_var: tuple[Tensor, Tensor], sync: Optional[BatchSync]) -> tuple[Tensor, Tensor]:
-    return mean_var if sync is None else sync.stats(*mean_var)
-
-
-class _DenseStageFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, stage: Stage, *params):
-        backend = backend_for(x)
-        out, buf, mean, records, bnt, sync = _forward(backend, x, stage, params, for_backward=True)
-        masks = [r[2] for r in records]
-        zs = [r[3] for r in records]
-        ctx.save_for_backward(buf, mean, *masks, *zs)
-        ctx.stage, ctx.bns, ctx.bnt, ctx.backend = stage, [(r[0], r[1]) for r in records], bnt, backend
-        ctx.in_channels, ctx.x_format = x.shape[1], _memory_format(x)
-        ctx.reads_batch_stats = stage.reads_batch_stats()
-        ctx.sync = sync
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        with _out_of_memory_names(ctx.stage, ctx.saved_tensors[0], "backward"):
-            return _DenseStageFunction._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        stage: Stage = ctx.stage
-        num_layers = len(stage.layers)
-        buf, mean, *rest = ctx.saved_tensors
-        masks, zs = rest[:num_layers], rest[num_layers:]
-        needs = ctx.needs_input_grad[2:]
-        backend: Backend = ctx.backend  # the forward's, whatever is pinned now
-        n, channels, h, w = buf.shape
-        sync: Optional[BatchSync] = ctx.sync
-        count = sync.total if sync else n * h * w
-        k, c0 = stage.growth_rate, ctx.in_channels
-        act = buf.dtype  # activations' dtype (the autocast dtype under autocast)
-        grads: list[Optional[Tensor]] = [None] * len(needs)
-        reads_batch_stats = ctx.reads_batch_stats
-        coef_x = torch.zeros_like(mean)
-        coef_c = torch.zeros_like(mean)
-
-        if stage.transition is not None:
-            t, bnt, base = stage.transition, ctx.bnt, num_layers * _PARAMS_PER_LAYER
-            r = backend.bn_relu_pool_conv1x1_backward(
-                grad_out, buf, bnt.scale, bnt.shift, _w(t.conv.weight, act), bnt.center, None, needs[base + 2])
-            grad_buf = r.grad_x
-            grads[base], grads[base + 1] = _param_grads(bnt, r.sum_dy, r.sum_dy_xc, t.norm.weight, t.norm.bias)
-            grads[base + 2] = _grad_as(r.grad_weight, t.conv.weight)
-            if bnt.batch_stats:
-                cx, cc = _batch_coefs(bnt, r.sum_dy, r.sum_dy_xc, count)
-                coef_x += cx
-                coef_c += cc
-            del r
-        else:
-            grad_buf = torch.empty_like(buf)
-            grad_buf.copy_(grad_out)
-
-        for i in reversed(range(num_layers)):
-            layer = stage.layers[i]
-            c, base = c0 + i * k, i * _PARAMS_PER_LAYER
-            new = slice(c, c + k)
-            bn1, bn2 = ctx.bns[i]
-            if reads_batch_stats:
-                # Every reader of channels [c, c+k) is done: apply their batch-statistics terms once.
-                if sync:
-                    sync.sum_(coef_x[new], coef_c[new])
-                backend.bn_grad_finalize(grad_buf[:, new], buf[:, new], mean[new], coef_x[new], coef_c[new])
-            grad_new = grad_buf[:, new]
-            if masks[i] is not None:
-                p = float(layer.drop_rate)
-                grad_new = grad_new * masks[i] * (1.0 / (1.0 - p) if p < 1 else 0.0)
-            z = zs[i]
-            if z is None:
-                z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, _w(layer.conv1.weight, act), False)[0]
-            r2 = backend.bn_relu_conv3x3_backward(
-                grad_new, z, bn2.scale, bn2.shift, _w(layer.conv2.weight, act), bn2.center, None, needs[base + 5])
-            del grad_new
-            grads[base + 3], grads[base + 4] = _param_grads(bn2, r2.sum_dy, r2.sum_dy_xc, layer.norm2.weight, layer.norm2.bias)
-            grads[base + 5] = _grad_as(r2.grad_weight, layer.conv2.weight)
-            grad_z = r2.grad_x
-            if bn2.batch_stats:
-                sums = (r2.sum_dy.clone(), r2.sum_dy_xc.clone())
-                if sync:
-                    sync.sum_(*sums)  # parameter grads above stay local, as in torch's SyncBatchNorm
-                backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, *sums, count))
-            del z, r2
-            r1 = backend.bn_relu_conv1x1_backward(
-                grad_z, buf[:, :c], bn1.scale, bn1.shift, _w(layer.conv1.weight, act), bn1.center,
-                grad_buf[:, :c], needs[base + 2])
-            del grad_z
-            grads[base], grads[base + 1] = _param_grads(bn1, r1.sum_dy, r1.sum_dy_xc, layer.norm1.weight, layer.norm1.bias)
-            grads[base + 2] = _grad_as(r1.grad_weight, layer.conv1.weight)
-            if bn1.batch_stats:
-                cx, cc = _batch_coefs(bn1, r1.sum_dy, r1.sum_dy_xc, count)
-                coef_x[:c] += cx
-                coef_c[:c] += cc
-            del r1
-
-        if reads_batch_stats:
-            if sync:
-                sync.sum_(coef_x[:c0], coef_c[:c0])
-            backend.bn_grad_finalize(grad_buf[:, :c0], buf[:, :c0], mean[:c0], coef_x[:c0], coef_c[:c0])
-        grad_x = grad_buf if num_layers == 0 else grad_buf[:, :c0].clone(memory_format=ctx.x_format)
-        grads = [g if need else None for g, need in zip(grads, needs)]
-        return (grad_x if ctx.needs_input_grad[0] else None, None, *grads)
-
-
-_OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
-
-
-@contextlib.contextmanager
-def _out_of_memory_names(stage: Stage, x: Tensor, phase: str):
-    """Re-raise running out of memory with the block, the batch and what to do about it."""
-    try:
-        yield
-    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError; so is CPU allocation failure
-        if not any(m in str(err) for m in _OOM_MESSAGES):
-            raise
-        n, _, h, w = x.shape
-        raise type(err)(
-            f"densenet_fast ran out of memory in the {phase} of {stage.name} (batch {n}, {h}x{w}, {x.dtype}); "
-            f"try a smaller batch or a smaller input. Original error: {err}"
-        ) from None
+def _group_index(stage: Stage) -> int:
+    batch = any(_uses_batch_stats(n) for n in stage.norms())
+    sync, group = active_group(stage.sync_batchnorm and batch, stage.process_group)
+    if not sync:
+        return -1
+    for i, known in enumerate(_PROCESS_GROUPS):
+        if known is group:
+            return i
+    _PROCESS_GROUPS.append(group)
+    return len(_PROCESS_GROUPS) - 1
 
 
 def dense_stage(x: Tensor, stage: Stage) -> Tensor:
@@ -363,9 +279,35 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     _check_input(x, stage, params, autocast)
     if autocast:
         x = x.to(torch.get_autocast_dtype(device_type))
-    # The ops cast for themselves; autocast inside them would re-cast every call (and rejects out=).
-    with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage, x, "forward"):
-        if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-            return _DenseStageFunction.apply(x, stage, *params)
-        with torch.no_grad():
-            return _forward(backend_for(x), x, stage, params, for_backward=False)[0]
+    norms = stage.norms()
+    running, has_running, updates = [], [], []
+    for norm in norms:
+        has_running.append(norm.running_mean is not None)
+        if norm.running_mean is not None:
+            nbt = norm.num_batches_tracked
+            running += [norm.running_mean, norm.running_var, nbt if nbt is not None else x.new_empty(0)]
+            updates.append((norm, norm.training and norm.track_running_stats))
+    batch_stats = [_uses_batch_stats(n) for n in norms]
+    update = [n.training and n.track_running_stats and n.running_mean is not None for n in norms]
+    drop_rates = [float(layer.drop_rate) if layer.training else 0.0 for layer in stage.layers]
+    ints = [stage.growth_rate, len(stage.layers), int(stage.transition is not None), int(stage.memory_efficient),
+            _group_index(stage)]
+    eps = [float(n.eps) for n in norms]
+    momentum = [float("nan") if n.momentum is None else float(n.momentum) for n in norms]
+    placeholder = x.new_empty(0)
+    op_params = [placeholder if p is None else p for p in params]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in op_params))
+    # The op casts for itself; autocast inside would re-cast every call (and rejects out=).
+    with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage.name, x, "forward"):
+        out, *_, new_running = torch.ops.densenet_fast.dense_stage(
+            x, op_params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates,
+            needs_grad, backend_for(x).name, stage.name)
+    with torch.no_grad():
+        new = iter(new_running)
+        for norm, updated in updates:
+            if updated:
+                norm.running_mean.copy_(next(new))
+                norm.running_var.copy_(next(new))
+                if norm.num_batches_tracked is not None:
+                    norm.num_batches_tracked.copy_(next(new))
+    return out

@@ -89,6 +89,12 @@ def get_backend_name() -> Optional[str]:
     return _selected if _selected is not None else (os.environ.get(_ENV_VAR) or None)
 
 
+def backend_named(name: str) -> Backend:
+    """The backend called ``name``; raises if it is unknown or not available here."""
+    _check_name(name)
+    return _instances[name]
+
+
 def backend_for(x: Tensor) -> Backend:
     """The backend that computes on tensors like ``x``; raises if a pinned one can't."""
     name = get_backend_name()
