@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import block_algorithm as algo
-from .ops import backend_for, backend_named
+from .ops import backend_name_for, backend_named
 from .ops.interface import stats_dtype
 from .sync import BatchSync, active_group
 
@@ -301,7 +301,7 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage.name, x, "forward"):
         out, *_, new_running = torch.ops.densenet_fast.dense_stage(
             x, op_params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates,
-            needs_grad, backend_for(x).name, stage.name)
+            needs_grad, backend_name_for(x.device, x.dtype), stage.name)
     with torch.no_grad():
         new = iter(new_running)
         for norm, updated in updates:

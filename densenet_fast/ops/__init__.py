@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from .interface import Backend
@@ -93,6 +94,15 @@ def backend_named(name: str) -> Backend:
     """The backend called ``name``; raises if it is unknown or not available here."""
     _check_name(name)
     return _instances[name]
+
+
+@torch._dynamo.assume_constant_result
+def backend_name_for(device: torch.device, dtype: torch.dtype) -> str:
+    """Name of the backend for tensors on ``device`` of ``dtype``.
+
+    A constant to torch.compile: a compiled model keeps the backend it was traced with.
+    """
+    return backend_for(torch.empty(0, device=device, dtype=dtype)).name
 
 
 def backend_for(x: Tensor) -> Backend:

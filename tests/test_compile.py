@@ -1,0 +1,38 @@
+"""torch.compile traces a whole stage as one custom op: fullgraph, equal results, no recompiles."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+
+import densenet_fast
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_trains_like_eager(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            out, out_eager = compiled(x), eager(x)
+            torch.testing.assert_close(out, out_eager, msg=f"step {step} output")
+            out.sum().backward()
+            out_eager.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def test_compiled_eval_and_no_grad():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
