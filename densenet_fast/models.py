@@ -177,13 +177,37 @@ class DenseNet(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected an input of shape (N, {in_channels}, H, W), got {got}")
         weight = self.features.conv0.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"expected input dtype {weight.dtype} (the model's dtype), got {x.dtype}")
+        if x.device != weight.device:
+            raise RuntimeError(f"expected input on {weight.device} (the model's device), got {x.device}")
+        smallest = self.min_input_size()
+        if x.shape[2] < smallest or x.shape[3] < smallest:
+            raise ValueError(f"input of {x.shape[2]}x{x.shape[3]} is too small for this DenseNet: its stem and "
+                             f"{self.num_transitions()} transitions need H and W of at least {smallest}")
         features = self.features(x)
         out = F.relu(features, inplace=True)
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)
         return self.classifier(out)
+
+
+    def num_transitions(self) -> int:
+        return sum(isinstance(m, _Transition) for m in self.features)
+
+    def min_input_size(self) -> int:
+        """Smallest H (and W) for which every transition gets at least 2x2 to pool."""
+        def fits(size: int) -> bool:
+            if not self.small_inputs:
+                size = (size - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
+                size = (size - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+            for _ in range(self.num_transitions()):
+                if size < 2:
+                    return False
+                size //= 2
+            return size >= 1
+
+        return next(s for s in range(1, 1 << 16) if fits(s))
 
 
 def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, weights_enum: Any,

@@ -147,3 +147,15 @@ def test_out_of_memory_names_the_block_and_the_model_stays_usable(monkeypatch, p
     out = model(x)
     out.sum().backward()
     assert out.shape == expected.shape and all(p.grad is not None for p in model.parameters())
+
+
+def test_model_rejects_too_small_inputs_and_device_mix():
+    model = densenet_fast.densenet121()
+    assert model.min_input_size() == 29
+    with pytest.raises(ValueError, match=r"input of 28x224 is too small for this DenseNet: .* 3 transitions need H "
+                                         r"and W of at least 29"):
+        model(torch.randn(1, 3, 28, 224))
+    bc = densenet_fast.densenet_bc(depth=40)
+    assert bc.min_input_size() == 4
+    with pytest.raises(RuntimeError, match="expected input on cpu .*got meta"):
+        bc(torch.empty(2, 3, 32, 32, device="meta"))
