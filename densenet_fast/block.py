@@ -208,6 +208,7 @@ def _setup_context(ctx, inputs, output):
     kept = x if num_layers == 0 else (buf if has_transition else out)
     ctx.save_for_backward(kept, mean, *coefs, *masks, *bottlenecks, *params)
     ctx.mark_non_differentiable(buf, mean, *coefs, *masks, *bottlenecks, *new_running)
+    ctx.set_materialize_grads(False)  # else autograd allocates zero grads as large as the buffer
     ctx.sizes = (len(coefs), len(masks), len(bottlenecks), len(params), len(running))
     ctx.args = (ints, batch_stats, drop_rates, x.shape[1], algo.memory_format(x) == torch.channels_last, backend)
     ctx.name = name
@@ -219,6 +220,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, *unused_grads):
     n_coefs, n_masks, n_bottlenecks, n_params, n_running = ctx.sizes
+    if grad_out is None:  # grads are not materialized: the output got none
+        return (None, [None] * n_params, [None] * n_running) + ctx.no_grads
     saved = ctx.saved_tensors
     kept, mean = saved[0], saved[1]
     rest = saved[2:]
