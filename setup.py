@@ -51,8 +51,10 @@ def _extensions():
     with_cuda = can_cuda if want_cuda is None else want_cuda
 
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
-    # -fopenmp: at::parallel_for is inline OpenMP code, serial without it.
-    cxx = ["-O3", "-fopenmp"]
+    # -fopenmp: at::parallel_for is inline OpenMP code, serial without it (and `omp simd` lets
+    # the reductions vectorize). -fno-trapping-math (as torch itself builds): without it GCC
+    # keeps the ReLU mask's compare as a branch and the BN-ReLU backward loops scalar.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if not with_cuda:
         ext = CppExtension("densenet_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
         return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -22,19 +22,26 @@ C10_HOST_DEVICE inline bool relu_passes(T x, T scale, T shift) {
   return !(x * scale + shift <= T(0));
 }
 
-// One element's share of BN-ReLU's backward: dy is the gradient w.r.t. the BN output
-// (the ReLU's input), masked by the ReLU; dy_xc feeds sum(dy * (x - center)).
+// One element's share of BN-ReLU's backward: dy is the gradient w.r.t. the BN output (the
+// ReLU's input), the ReLU output's gradient masked; dy * (x - center) feeds the second
+// reduction. Scalar functions rather than a returned struct: the CPU vectorizer keeps loops
+// over plain scalars in registers.
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_dy(T x, T grad_relu_out, T scale, T shift) {
+  return relu_passes(x, scale, shift) ? grad_relu_out : T(0);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_dy_xc(T dy, T x, T center) {
+  return dy * (x - center);
+}
+
+// A pair of per-channel sums (sum dy, sum dy * (x - center)).
 template <typename T>
 struct BnReluGrad {
   T dy;
   T dy_xc;
 };
-
-template <typename T>
-C10_HOST_DEVICE inline BnReluGrad<T> bn_relu_grad(T x, T grad_relu_out, T scale, T shift, T center) {
-  T dy = relu_passes(x, scale, shift) ? grad_relu_out : T(0);
-  return {dy, dy * (x - center)};
-}
 
 // What BN's backward through the batch statistics adds to one element's gradient.
 template <typename T>

@@ -51,65 +51,90 @@ void for_each_slot(int64_t total, int64_t num_slots, const F& body) {
   });
 }
 
+// The row kernels below carry `#pragma omp simd` (the extension is built with -fopenmp): it
+// lets the compiler vectorize the reductions, which it otherwise must keep in source order.
+
 // y[i] = relu(x[i] * scale[i] + shift[i]) along a row.
 template <typename scalar_t, typename P>
 inline void affine_relu_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t len, P scale, P shift) {
   using opmath_t = at::opmath_type<scalar_t>;
+#pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     y[i] = static_cast<scalar_t>(affine_relu<opmath_t>(static_cast<opmath_t>(x[i]), scale[i], shift[i]));
   }
 }
 
-// BN-ReLU backward along a row: out (+)= scale * dy, and the two reductions. `Acc` receives
-// per-element terms (add(i, dy, dy_xc)). out may equal grad_y (in place, not accumulating).
-template <bool kAccumulate, typename scalar_t, typename P, typename Acc>
+// Sums of one channel's (dy, dy * (x - center)), in double.
+struct RowSums {
+  double dy = 0;
+  double dy_xc = 0;
+};
+
+// Per-channel sums, one accumulator pair per channel of a channels_last row.
+struct ChannelSums {
+  double* __restrict__ dy;
+  double* __restrict__ dy_xc;
+};
+
+// BN-ReLU backward along a row of one channel (NCHW): out (+)= scale * dy and the channel's
+// two reductions. out may equal grad_y (in place, not accumulating): element i is read before
+// it is written and no other element is touched.
+template <bool kAccumulate, typename scalar_t>
 inline void bn_relu_backward_row(const scalar_t* grad_y, const scalar_t* __restrict__ x, scalar_t* out, int64_t len,
-                                 P scale, P shift, P center, Acc& acc) {
+                                 Broadcast<at::opmath_type<scalar_t>> scale, Broadcast<at::opmath_type<scalar_t>> shift,
+                                 Broadcast<at::opmath_type<scalar_t>> center, RowSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = scale.value, b = shift.value, m = center.value;
+  double sum_dy = 0, sum_dy_xc = 0;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xc)
   for (int64_t i = 0; i < len; ++i) {
-    auto g = bn_relu_grad<opmath_t>(static_cast<opmath_t>(x[i]), static_cast<opmath_t>(grad_y[i]), scale[i], shift[i],
-                                    center[i]);
-    acc.add(i, g.dy, g.dy_xc);
-    opmath_t contribution = scale[i] * g.dy;
+    const opmath_t xi = static_cast<opmath_t>(x[i]);
+    const opmath_t dy = bn_relu_dy<opmath_t>(xi, static_cast<opmath_t>(grad_y[i]), s, b);
+    sum_dy += dy;
+    sum_dy_xc += bn_relu_dy_xc<opmath_t>(dy, xi, m);
+    const opmath_t contribution = s * dy;
+    out[i] = static_cast<scalar_t>(kAccumulate ? static_cast<opmath_t>(out[i]) + contribution : contribution);
+  }
+  sums.dy += sum_dy;
+  sums.dy_xc += sum_dy_xc;
+}
+
+// The same along a row of one pixel's channels (channels_last), into per-channel sums.
+template <bool kAccumulate, typename scalar_t>
+inline void bn_relu_backward_row(const scalar_t* grad_y, const scalar_t* __restrict__ x, scalar_t* out, int64_t len,
+                                 PerElement<at::opmath_type<scalar_t>> scale, PerElement<at::opmath_type<scalar_t>> shift,
+                                 PerElement<at::opmath_type<scalar_t>> center, ChannelSums& sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  double* __restrict__ sum_dy = sums.dy;
+  double* __restrict__ sum_dy_xc = sums.dy_xc;
+  const opmath_t* __restrict__ s = scale.data;
+  const opmath_t* __restrict__ b = shift.data;
+  const opmath_t* __restrict__ m = center.data;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const opmath_t xi = static_cast<opmath_t>(x[i]);
+    const opmath_t dy = bn_relu_dy<opmath_t>(xi, static_cast<opmath_t>(grad_y[i]), s[i], b[i]);
+    sum_dy[i] += dy;
+    sum_dy_xc[i] += bn_relu_dy_xc<opmath_t>(dy, xi, m[i]);
+    const opmath_t contribution = s[i] * dy;
     out[i] = static_cast<scalar_t>(kAccumulate ? static_cast<opmath_t>(out[i]) + contribution : contribution);
   }
 }
 
-// Reductions of a row into one channel: four interleaved double lanes, so the additions don't
-// wait on each other and a long row loses no float32 precision.
-struct RowSums {
-  double dy[4] = {0, 0, 0, 0};
-  double dy_xc[4] = {0, 0, 0, 0};
-  void add(int64_t i, double a, double b) {
-    dy[i & 3] += a;
-    dy_xc[i & 3] += b;
-  }
-  double total_dy() const { return (dy[0] + dy[1]) + (dy[2] + dy[3]); }
-  double total_dy_xc() const { return (dy_xc[0] + dy_xc[1]) + (dy_xc[2] + dy_xc[3]); }
-};
-
-// Reductions of a row across channels: one accumulator per channel.
-struct ChannelSums {
-  double* __restrict__ dy;
-  double* __restrict__ dy_xc;
-  void add(int64_t i, double a, double b) {
-    dy[i] += a;
-    dy_xc[i] += b;
-  }
-};
-
 // Count, mean and m2 of a contiguous row, in two passes over it (it is in cache).
 template <typename scalar_t>
 inline Moments<double> row_moments(const scalar_t* __restrict__ row, int64_t len) {
-  double sum[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < len; ++i) sum[i & 3] += static_cast<double>(row[i]);
-  const double mean = ((sum[0] + sum[1]) + (sum[2] + sum[3])) / static_cast<double>(len);
-  double m2[4] = {0, 0, 0, 0};
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) sum += static_cast<double>(row[i]);
+  const double mean = sum / static_cast<double>(len);
+  double m2 = 0;
+#pragma omp simd reduction(+ : m2)
   for (int64_t i = 0; i < len; ++i) {
     double d = static_cast<double>(row[i]) - mean;
-    m2[i & 3] += d * d;
+    m2 += d * d;
   }
-  return {static_cast<double>(len), mean, (m2[0] + m2[1]) + (m2[2] + m2[3])};
+  return {static_cast<double>(len), mean, m2};
 }
 
 }  // namespace cpu

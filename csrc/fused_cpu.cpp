@@ -88,8 +88,8 @@ struct SlotSums {
 
 // Adds one row's RowSums into a slot's per-channel sums.
 inline void add_row_sums(ChannelSums& slot, int64_t c, const RowSums& row) {
-  slot.dy[c] += row.total_dy();
-  slot.dy_xc[c] += row.total_dy_xc();
+  slot.dy[c] += row.dy;
+  slot.dy_xc[c] += row.dy_xc;
 }
 
 // Normalizes pixels [p0, p0 + length) of image n of x into `buf`.

@@ -119,8 +119,8 @@ void bn_relu_backward_impl(const Tensor& grad_y, const Tensor& x, const Tensor& 
                                             od + row_offset(lo, false, n, c), lx.pixels, Broadcast<opmath_t>{sc[c]},
                                             Broadcast<opmath_t>{sh[c]}, Broadcast<opmath_t>{ce[c]}, sums);
         }
-        sum_dy[c] = sums.total_dy();
-        sum_dy_xc[c] = sums.total_dy_xc();
+        sum_dy[c] = sums.dy;
+        sum_dy_xc[c] = sums.dy_xc;
       }
     });
     return;

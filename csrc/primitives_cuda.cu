@@ -131,12 +131,12 @@ __global__ void bn_relu_backward_kernel(const scalar_t* grad_y, ActivationLayout
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values;
          i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
       const int64_t n = i / lx.pixels, p = i - n * lx.pixels;
-      auto g = bn_relu_grad<acc_t>(static_cast<acc_t>(x[element_offset(lx, n, c, p)]),
-                                   static_cast<acc_t>(grad_y[element_offset(lgy, n, c, p)]), s, b, m);
-      sums.dy += g.dy;
-      sums.dy_xc += g.dy_xc;
+      const acc_t xi = static_cast<acc_t>(x[element_offset(lx, n, c, p)]);
+      const acc_t dy = bn_relu_dy<acc_t>(xi, static_cast<acc_t>(grad_y[element_offset(lgy, n, c, p)]), s, b);
+      sums.dy += dy;
+      sums.dy_xc += bn_relu_dy_xc<acc_t>(dy, xi, m);
       scalar_t* o = out + element_offset(lo, n, c, p);
-      *o = static_cast<scalar_t>(kAccumulate ? static_cast<acc_t>(*o) + s * g.dy : s * g.dy);
+      *o = static_cast<scalar_t>(kAccumulate ? static_cast<acc_t>(*o) + s * dy : s * dy);
     }
   }
   sums = sum_over_y(sums);
