@@ -20,6 +20,7 @@ namespace {
 
 // Normalized activations per tile buffer (512 KiB of float32: stays in L2 next to the GEMM).
 constexpr int64_t kTileElements = 1 << 17;
+constexpr int64_t kMinTilePixels = 256;
 // Normalized activations per chunk of images for the 3x3 conv, which ATen runs whole.
 constexpr int64_t kChunkElements = 1 << 21;
 
@@ -38,8 +39,12 @@ struct Tiles {
   int64_t max_length() const { return (units + per_image - 1) / per_image; }
 };
 
-Tiles make_tiles(int64_t units, int64_t elements_per_unit) {
-  const int64_t per_tile = std::max<int64_t>(1, kTileElements / std::max<int64_t>(1, elements_per_unit));
+// Tiles of about kTileElements, but at least kMinTilePixels pixels wide: narrower GEMMs (deep
+// layers have ~1000 channels) lose more to packing than the smaller buffer saves.
+Tiles make_tiles(int64_t units, int64_t elements_per_unit, int64_t pixels_per_unit) {
+  const int64_t min_units = (kMinTilePixels + pixels_per_unit - 1) / pixels_per_unit;
+  const int64_t per_tile =
+      std::max<int64_t>(min_units, kTileElements / std::max<int64_t>(1, elements_per_unit));
   return {units, std::max<int64_t>(1, (units + per_tile - 1) / per_tile)};
 }
 
@@ -267,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   Tensor z = at::empty({lx.batch, out_channels, x.size(2), x.size(3)}, x.options());
   const ActivationLayout lz = activation_layout(z, "z");
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
-  const Tiles tiles = make_tiles(lx.pixels, lx.channels);
+  const Tiles tiles = make_tiles(lx.pixels, lx.channels, 1);
   const int64_t num_tiles = tiles.count(lx.batch);
   // Per-tile moments of the output channels, merged in tile order.
   std::vector<Moments<double>> tile_moments(with_stats ? num_tiles * out_channels : 0, Moments<double>{0, 0, 0});
@@ -307,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   const int64_t out_channels = weight.size(0);
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   const Tensor w2d_t = w2d.t();
-  const Tiles tiles = make_tiles(lx.pixels, lx.channels);
+  const Tiles tiles = make_tiles(lx.pixels, lx.channels, 1);
   const int64_t num_tiles = tiles.count(lx.batch);
   const int64_t slots = slot_count(num_tiles, 1);
   SlotSums sums(slots, lx.channels);
@@ -406,7 +411,7 @@ Tensor bn_relu_pool_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tens
   const ActivationLayout lo = activation_layout(out, "out");
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   // Tiles of output rows; each reads the two input rows above it.
-  const Tiles tiles = make_tiles(out_height, lx.channels * out_width);
+  const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width);
   const int64_t num_tiles = tiles.count(lx.batch);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_cpu", [&] {
     for_each_slot(num_tiles, slot_count(num_tiles, 1), [&](int64_t, int64_t begin, int64_t end) {
@@ -434,7 +439,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   // avg_pool2d's backward divides by 4: folded into the weight (exact, a power of two).
   const Tensor w_quarter_t = w2d.mul(0.25).t();
-  const Tiles tiles = make_tiles(out_height, lx.channels * out_width);
+  const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width);
   const int64_t num_tiles = tiles.count(lx.batch);
   const int64_t slots = slot_count(num_tiles, 1);
   SlotSums sums(slots, lx.channels);
