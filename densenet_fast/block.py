@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import block_algorithm as algo
 from .ops import backend_name_for, backend_named
-from .ops.interface import stats_dtype
+from .ops.interface import memory_format, stats_dtype
 from .sync import BatchSync, active_group
 
 # Process groups of synchronized stages, referred to by index in the op's arguments.
@@ -142,31 +142,30 @@ def _(x, params, running, ints, eps, momentum, batch_stats, update, has_running,
     growth_rate, num_layers, has_transition, memory_efficient, _ = ints
     n, c0, h, w = x.shape
     channels = c0 + num_layers * growth_rate
-    fmt, sdt = algo.memory_format(x), stats_dtype(x.dtype)
+    fmt, sdt = memory_format(x), stats_dtype(x.dtype)
     buf_shape = (n, channels, h, w)
     if has_transition:
         out = x.new_empty((n, params[-1].shape[0], h // 2, w // 2)).contiguous(memory_format=fmt)
     else:
         out = x.new_empty(buf_shape).contiguous(memory_format=fmt)
-    new_running = []
+    new_running, r = [], 0
     for i in range(len(eps)):
-        if has_running[i] and batch_stats[i] and update[i]:
-            r = sum(has_running[:i]) * 3
-            new_running += [torch.empty_like(running[r]), torch.empty_like(running[r + 1])]
-            if running[r + 2].numel():
-                new_running.append(torch.empty_like(running[r + 2]))
+        if has_running[i]:
+            if batch_stats[i] and update[i]:
+                new_running += [torch.empty_like(t) for t in running[r:r + 3] if t.numel()]
+            r += 3
     empty = x.new_empty(0)
     if not for_backward:
         return out, empty, x.new_empty(0, dtype=sdt), [], [], [], new_running
     buf = x.new_empty(buf_shape).contiguous(memory_format=fmt) if (num_layers and has_transition) else empty
     coefs = []
     for i in range(len(eps)):
-        width = (c0 + (i // 2) * growth_rate if i % 2 == 0 else params[6 * (i // 2) + 2].shape[0]) \
-            if i < 2 * num_layers else channels
+        bottleneck = params[algo.PARAMS_PER_LAYER * (i // 2) + 2].shape[0] if i < 2 * num_layers else 0
+        width = (c0 + (i // 2) * growth_rate if i % 2 == 0 else bottleneck) if i < 2 * num_layers else channels
         coefs += [x.new_empty(width, dtype=sdt) for _ in range(4)]
     masks = [x.new_empty((n, growth_rate, h, w)) if p > 0 else x.new_empty(0) for p in drop_rates]
-    bottlenecks = [x.new_empty((n, params[6 * i + 2].shape[0], h, w)) if not memory_efficient else x.new_empty(0)
-                   for i in range(num_layers)]
+    bottlenecks = [x.new_empty((n, params[algo.PARAMS_PER_LAYER * i + 2].shape[0], h, w)) if not memory_efficient
+                   else x.new_empty(0) for i in range(num_layers)]
     masks = [m.to(torch.bool) if m.numel() else m for m in masks]
     return out, buf, x.new_empty(channels, dtype=sdt), coefs, masks, bottlenecks, new_running
 
@@ -175,9 +174,9 @@ def _(x, params, running, ints, eps, momentum, batch_stats, update, has_running,
 def _dense_stage_backward_op(
     grad_out: Tensor, buf: Tensor, mean: Tensor, coefs: list[Tensor], masks: list[Tensor],
     bottlenecks: list[Tensor], params: list[Tensor], ints: list[int], batch_stats: list[bool],
-    drop_rates: list[float], in_channels: int, channels_last: bool, needs: list[bool], backend: str,
+    drop_rates: list[float], in_channels: int, channels_last: bool, needs: list[bool], x_needs: bool, backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Returns (grad of the stage input, grads of params with empty tensors where not needed)."""
+    """Returns (grad of the stage input, grads of params), with empty tensors for what is not needed."""
     n, _, h, w = buf.shape
     num = len(batch_stats)
     spec = _spec(ints, [0.0] * num, [0.0] * num, batch_stats, [False] * num, [False] * num, [], drop_rates,
@@ -186,17 +185,18 @@ def _dense_stage_backward_op(
                        [_none_if_empty(m) for m in masks], [_none_if_empty(z) for z in bottlenecks])
     x_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_x, grads = algo.backward(backend_named(backend), spec, saved, grad_out, in_channels, x_format,
-                                  _op_params(params, buf.dtype), needs)
+                                  _op_params(params, buf.dtype), needs, x_needs)
     empty = buf.new_empty(0)
-    return grad_x, [empty.clone() if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
+    return (empty if grad_x is None else grad_x,
+            [empty.clone() if g is None else g.to(p.dtype) for g, p in zip(grads, params)])
 
 
 @_dense_stage_backward_op.register_fake
 def _(grad_out, buf, mean, coefs, masks, bottlenecks, params, ints, batch_stats, drop_rates, in_channels,
-      channels_last, needs, backend):
+      channels_last, needs, x_needs, backend):
     n, _, h, w = buf.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = buf.new_empty((n, in_channels, h, w)).contiguous(memory_format=fmt)
+    grad_x = buf.new_empty((n, in_channels, h, w)).contiguous(memory_format=fmt) if x_needs else buf.new_empty(0)
     return grad_x, [torch.empty_like(p) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
 
 
@@ -210,7 +210,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(buf, mean, *coefs, *masks, *bottlenecks, *new_running)
     ctx.set_materialize_grads(False)  # else autograd allocates zero grads as large as the buffer
     ctx.sizes = (len(coefs), len(masks), len(bottlenecks), len(params), len(running))
-    ctx.args = (ints, batch_stats, drop_rates, x.shape[1], algo.memory_format(x) == torch.channels_last, backend)
+    ctx.args = (ints, batch_stats, drop_rates, x.shape[1], memory_format(x) == torch.channels_last, backend)
     ctx.name = name
     # Gradients mirror the inputs' structure; torch.library treats an empty list as a list, not a leaf.
     ctx.no_grads = tuple([] if isinstance(a, list) and not a else None for a in inputs[3:])
@@ -231,8 +231,8 @@ def _backward(ctx, grad_out, *unused_grads):
     ints, batch_stats, drop_rates, in_channels, channels_last, backend = ctx.args
     with _out_of_memory_names(ctx.name, kept, "backward"):
         grad_x, grads = torch.ops.densenet_fast.dense_stage_backward(
-            grad_out.contiguous(memory_format=algo.memory_format(grad_out)), kept, mean, coefs, masks, bottlenecks,
-            params, ints, batch_stats, drop_rates, in_channels, channels_last, ctx.needs, backend)
+            grad_out.contiguous(memory_format=memory_format(grad_out)), kept, mean, coefs, masks, bottlenecks,
+            params, ints, batch_stats, drop_rates, in_channels, channels_last, ctx.needs, ctx.x_needs, backend)
     grads = [g if need else None for g, need in zip(grads, ctx.needs)]
     return (grad_x if ctx.x_needs else None, grads, [None] * n_running) + ctx.no_grads
 
@@ -283,13 +283,12 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     if autocast:
         x = x.to(torch.get_autocast_dtype(device_type))
     norms = stage.norms()
-    running, has_running, updates = [], [], []
+    running = []
+    has_running = [norm.running_mean is not None for norm in norms]
     for norm in norms:
-        has_running.append(norm.running_mean is not None)
         if norm.running_mean is not None:
             nbt = norm.num_batches_tracked
             running += [norm.running_mean, norm.running_var, nbt if nbt is not None else x.new_empty(0)]
-            updates.append((norm, norm.training and norm.track_running_stats))
     batch_stats = [_uses_batch_stats(n) for n in norms]
     update = [n.training and n.track_running_stats and n.running_mean is not None for n in norms]
     drop_rates = [float(layer.drop_rate) if layer.training else 0.0 for layer in stage.layers]
@@ -307,7 +306,7 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
             needs_grad, backend_name_for(x.device, x.dtype), stage.name)
     with torch.no_grad():
         new = iter(new_running)
-        for norm, updated in updates:
+        for norm, updated in zip(norms, update):
             if updated:
                 norm.running_mean.copy_(next(new))
                 norm.running_var.copy_(next(new))

@@ -5,7 +5,8 @@ Forward
     channels and every layer writes its k new channels into its own slice: no torch.cat. The batch
     mean and variance of a buffer channel are computed once, when the channel is written, and reused
     by every later BN that reads it (each with its own weight, bias, eps and running stats). Kept
-    for backward: the buffer, the per-channel statistics and the small per-BN coefficients.
+    for backward: the buffer, the per-channel statistics, the small per-BN coefficients, dropout's
+    masks, and each bottleneck only with memory_efficient=False.
 
 Backward
     One gradient buffer G of the block's size. Layers are walked in reverse; each recomputes its
@@ -29,11 +30,11 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, stats_dtype
+from .ops.interface import Backend, memory_format, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
-PARAMS_PER_TRANSITION = 3  # norm.weight, norm.bias, conv.weight
+# then the transition's norm.weight, norm.bias, conv.weight
 
 
 class NormSpec(NamedTuple):
@@ -112,12 +113,6 @@ def _stats(mean_var: tuple[Tensor, Tensor], sync: Optional[BatchSync]) -> tuple[
     return mean_var if sync is None else sync.stats(*mean_var)
 
 
-def memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optional[Tensor]],
             for_backward: bool) -> tuple[Tensor, Optional[Saved], list[Tensor]]:
     """Returns (output, what backward needs or None, updated running stats in StageSpec.norms order).
@@ -158,7 +153,10 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         if p > 0:
             # F.dropout's CPU formula and RNG use, so a seeded run matches torchvision's masks.
             noise = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-            noise.div_(1 - p) if p < 1 else noise.zero_()
+            if p < 1:
+                noise.div_(1 - p)
+            else:
+                noise.zero_()
         f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2, buf[:, c:c + k], noise, need_stats)
         if need_stats:
             mean[c:c + k], var[c:c + k] = _stats((f_mean, f_var), sync)
@@ -192,8 +190,9 @@ def _batch_coefs(bn: BNCoefs, sum_dy: Tensor, sum_dy_xc: Tensor, count: int) -> 
 
 
 def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, in_channels: int,
-             x_format: torch.memory_format, params: Sequence[Optional[Tensor]], needs: Sequence[bool]):
-    """Returns (grad of the stage input, grads of ``params`` with None where not needed).
+             x_format: torch.memory_format, params: Sequence[Optional[Tensor]], needs: Sequence[bool],
+             x_needs: bool):
+    """Returns (grad of the stage input or None, grads of ``params`` with None where not needed).
 
     ``params`` as in forward (conv weights in the activations' dtype); weight grads come back in
     the activations' dtype and BN grads in the statistics dtype: the caller casts them.
@@ -264,9 +263,13 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
             coef_c[:c] += cc
         del r1
 
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    if not x_needs:
+        return None, grads
     if reads_batch_stats:
         if sync:
             sync.sum_(coef_x[:c0], coef_c[:c0])
         backend.bn_grad_finalize(grad_buf[:, :c0], buf[:, :c0], mean[:c0], coef_x[:c0], coef_c[:c0])
-    grad_x = grad_buf if num_layers == 0 else grad_buf[:, :c0].clone(memory_format=x_format)
-    return grad_x, [g if need else None for g, need in zip(grads, needs)]
+    if num_layers == 0:
+        return grad_buf.contiguous(memory_format=x_format), grads
+    return grad_buf[:, :c0].clone(memory_format=x_format), grads

@@ -108,14 +108,30 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"{PROG}: error: {err}") from None
 
 
-def _backends(requested: Optional[list[str]]) -> list[str]:
+def _backends(requested: Optional[list[str]], device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The requested (default: all available) backends that can compute on ``dtype`` tensors on ``device``;
+    the others are named on stderr."""
+    from .ops import backend_for, get_backend_name, set_backend
+
     available = available_backends()
-    if not requested:
-        return available
-    missing = [b for b in requested if b not in available]
+    missing = [b for b in requested or [] if b not in available]
     if missing:
         raise UsageError(f"{PROG}: error: backend {missing[0]!r} is not available here (available: {available})")
-    return requested
+    usable = []
+    previous = get_backend_name()
+    probe = torch.empty(2, 1, 1, 1, device=device, dtype=dtype)
+    for name in requested or available:
+        try:
+            set_backend(name)
+            backend_for(probe)
+            usable.append(name)
+        except (TypeError, ValueError, RuntimeError) as err:
+            print(f"{PROG}: skipping backend {name!r} for {dtype} on {device.type}: {err}", file=sys.stderr)
+        finally:
+            set_backend(previous)
+    if not usable:
+        raise UsageError(f"{PROG}: error: no densenet_fast backend computes on {dtype} tensors on {device.type}")
+    return usable
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -143,7 +159,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.amp and args.dtype != "float32":
         raise UsageError(f"{PROG} bench: error: --amp runs float32 weights under autocast; drop --dtype {args.dtype}")
     dtype, amp = B.DTYPES[args.dtype], autocast_dtype(args.amp)
-    backends = _backends(args.backend)
+    backends = _backends(args.backend, device, amp or dtype)
     what = model or f"DenseNet-BC depth {args.depth} k={args.growth_rate}"
     precision = f"autocast {args.amp}" if amp else args.dtype
 
@@ -247,7 +263,7 @@ def run_max_depth(args: argparse.Namespace) -> int:
         raise UsageError(f"{PROG} max-depth: error: --fit-depths needs at least 3 different depths of the form 6n+4")
     if args.batch < 1 or args.size < 8:
         raise UsageError(f"{PROG} max-depth: error: --batch must be >= 1 and --size >= 8")
-    kinds = [f"densenet_fast[{b}]" for b in _backends(args.backend)] + list(B.MAX_DEPTH_KINDS)
+    kinds = [f"densenet_fast[{b}]" for b in _backends(args.backend, device, torch.float32)] + list(B.MAX_DEPTH_KINDS)
     estimate = device.type == "cpu" and args.batch > 2
     results = []
     with quiet_profiler() as stream:

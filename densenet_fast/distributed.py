@@ -1,23 +1,40 @@
 """Distributed training helpers: synchronized BatchNorm for densenet_fast models."""
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import _DenseBlock, _Transition
+from .ops.interface import stats_dtype
 from .sync import active_group
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes; the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d over the batch of every process of ``process_group``, on any device.
 
-    Used for the stem's and the head's BNs (the blocks synchronize inside their own node).
-    torch.nn.SyncBatchNorm refuses CPU tensors; this one differentiates through
-    torch.distributed.nn's all_reduce, so it also runs on gloo. Same parameters and buffers as
-    BatchNorm2d, so state_dicts are unchanged.
+    Used for the stem's and the head's BNs (blocks synchronize inside their own op).
+    torch.nn.SyncBatchNorm refuses CPU tensors; this one runs on gloo too. Statistics are merged
+    from every process's count, mean and variance in float32 or wider (Chan's parallel formula:
+    no cancellation when the mean is large). Same parameters and buffers as BatchNorm2d.
     """
 
     process_group = None
@@ -28,42 +45,48 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not sync:
             return super().forward(x)
         self._check_input_dim(x)
-        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        local_sum = x.sum((0, 2, 3))
-        local_sq = (x * x).sum((0, 2, 3))
-        total = dist_fn.all_reduce(torch.cat([n, local_sum, local_sq]), group=group)
-        count = total[0]
-        mean = total[1:1 + x.shape[1]] / count
-        var = (total[1 + x.shape[1]:] / count - mean * mean).clamp_min(0)
+        sdt = stats_dtype(x.dtype)
+        xs = x.to(sdt)
+        var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
+        count = torch.full_like(mean[:1], xs.numel() / max(1, xs.shape[1]))
+        # Every process writes its row; the sum over processes gathers all rows (differentiably).
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rows = torch.zeros(world, 1 + 2 * mean.numel(), dtype=sdt, device=x.device)
+        rows = rows.index_copy(0, torch.tensor([rank], device=x.device), torch.cat([count, mean, var])[None])
+        rows = _AllReduceSum.apply(rows, group)
+        counts, means, variances = rows[:, :1], rows[:, 1:1 + mean.numel()], rows[:, 1 + mean.numel():]
+        total = counts.sum()
+        weights = counts / total
+        global_mean = (weights * means).sum(0)
+        global_var = (weights * (variances + (means - global_mean) ** 2)).sum(0)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                c = float(count)
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(var.detach() * (c / (c - 1)), alpha=factor)
-        normalized = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        if self.affine:
-            normalized = normalized * self.weight[:, None, None] + self.bias[:, None, None]
-        return normalized
+                n = float(total)
+                self.running_mean.mul_(1 - factor).add_(global_mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_((global_var * (n / (n - 1))).to(self.running_var.dtype),
+                                                       alpha=factor)
+        invstd = torch.rsqrt(global_var + self.eps)
+        scale = invstd if self.weight is None else self.weight.to(sdt) * invstd
+        shift = -global_mean * scale if self.bias is None else self.bias.to(sdt) - global_mean * scale
+        return (xs * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Synchronize every BN of a densenet_fast model across ``process_group`` (default: world).
 
-    Blocks and transitions all-reduce statistics once per new channel, not once per layer; the
-    stem's and head's BNs become :class:`SyncBatchNorm2d`. Works in place and returns ``model``.
+    Blocks and transitions exchange statistics once per new channel, not once per layer; the
+    stem's and head's BNs become :class:`SyncBatchNorm2d` in place (same module objects and
+    parameters, so an optimizer built before still trains them). Returns ``model``.
     """
     inside_blocks = set()
     for name, module in model.named_modules():
         if isinstance(module, (_DenseBlock, _Transition)):
             module.sync_batchnorm, module.process_group = True, process_group
             inside_blocks.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
-    for name, module in list(model.named_modules()):
+    for name, module in model.named_modules():
         if type(module) is nn.BatchNorm2d and name not in inside_blocks:
-            # Same module, same tensors (dtype, device, requires_grad, mode), synchronized forward.
-            synced = copy.deepcopy(module)
-            synced.__class__ = SyncBatchNorm2d
-            synced.process_group = process_group
-            model.set_submodule(name, synced)
+            module.__class__ = SyncBatchNorm2d
+            module.process_group = process_group
     return model

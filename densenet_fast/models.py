@@ -2,8 +2,8 @@
 
 Parameter and buffer names are torchvision's (``features.denseblock1.denselayer1.norm1.weight``,
 ``features.transition1.conv.weight``, ``classifier.weight``...), so state_dicts load both ways.
-The math of blocks and transitions lives in ``densenet_fast.block``; the modules here only hold
-parameters and say which of them form one autograd node.
+The math of blocks and transitions lives in ``densenet_fast.block_algorithm`` (run as one op by
+``densenet_fast.block``); the modules here only hold parameters and say which form one node.
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class _DenseLayer(nn.Module):
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
         """The layer's new features, from its input or the list of earlier features (torchvision's API)."""
         prev = torch.cat(input, 1) if isinstance(input, (list, tuple)) else input
-        return dense_stage(prev, Stage([self], None, self.memory_efficient))[:, prev.shape[1]:]
+        features = dense_stage(prev, Stage([self], None, self.memory_efficient))
+        # A copy of the k new channels: a view would keep the whole one-layer buffer alive.
+        return features[:, prev.shape[1]:].clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -86,8 +88,14 @@ class _Transition(nn.Sequential):
         return dense_stage(x, Stage([], self, sync_batchnorm=self.sync_batchnorm, process_group=self.process_group))
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 class _Features(nn.Sequential):
-    """torchvision's ``features`` Sequential; a block and the transition after it run as one node."""
+    """torchvision's ``features`` Sequential; a block and the transition after it run as one node
+    (separately when either has hooks, so forward hooks see every module as in torchvision)."""
 
     def forward(self, x: Tensor) -> Tensor:
         named = list(self.named_children())
@@ -95,10 +103,11 @@ class _Features(nn.Sequential):
         while i < len(named):
             name, module = named[i]
             following = named[i + 1] if i + 1 < len(named) else (None, None)
-            if isinstance(module, _DenseBlock) and isinstance(following[1], _Transition):
+            fuse = isinstance(following[1], _Transition) and not (_has_hooks(module) or _has_hooks(following[1]))
+            if isinstance(module, _DenseBlock) and fuse:
                 x = dense_stage(x, module.stage(following[1], f"features.{name} + features.{following[0]}"))
                 i += 2
-            elif isinstance(module, _DenseBlock):
+            elif isinstance(module, _DenseBlock) and not _has_hooks(module):
                 x = dense_stage(x, module.stage(name=f"features.{name}"))
                 i += 1
             else:

@@ -85,3 +85,15 @@ def test_two_processes_on_gloo(check, tmp_path):
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this build")
     mp.spawn(_run, args=(2, str(tmp_path / "init"), check), nprocs=2, join=True)
+
+
+def test_convert_sync_batchnorm_keeps_modules_and_parameters():
+    model, _ = _models()
+    norm0, weight = model.features.norm0, model.features.norm0.weight
+    densenet_fast.convert_sync_batchnorm(model)
+    assert model.features.norm0 is norm0 and model.features.norm0.weight is weight
+    assert isinstance(norm0, densenet_fast.SyncBatchNorm2d) and model.features.denseblock1.sync_batchnorm
+    assert type(model.features.denseblock1.denselayer1.norm1) is torch.nn.BatchNorm2d
+    # Without a process group it is plain BN.
+    x = torch.randn(2, 3, 24, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.eval()(x), _models()[0].eval()(x))

@@ -128,3 +128,34 @@ def test_train_mode_no_grad_updates_running_stats_once():
         ref(x)
     for (name, b), b_ref in zip(model.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, b_ref, msg=name)
+
+
+def test_forward_hooks_see_blocks_and_transitions():
+    config, shape = CONFIGS["imagenet-stem"]
+    model, ref = _build(**config)
+    seen, seen_ref = [], []
+    for m, log in ((model, seen), (ref, seen_ref)):
+        for name in ("denseblock1", "transition1", "denseblock2"):
+            getattr(m.features, name).register_forward_hook(lambda mod, i, o, log=log, name=name: log.append((name, o)))
+    x = _input(shape)
+    torch.testing.assert_close(model(x), ref(x))
+    assert [n for n, _ in seen] == [n for n, _ in seen_ref] == ["denseblock1", "transition1", "denseblock2"]
+    for (_, out), (_, out_ref) in zip(seen, seen_ref):
+        torch.testing.assert_close(out, out_ref)
+
+
+def test_empty_batch_in_eval_like_torchvision():
+    config, _ = CONFIGS["cifar-stem"]
+    model, ref = _build(**config)
+    x = torch.randn(0, 3, 8, 8, dtype=torch.float64)
+    assert model.eval()(x).shape == ref.eval()(x).shape == (0, 10)
+
+
+def test_standalone_layer_returns_only_its_new_features():
+    config, _ = CONFIGS["cifar-stem"]
+    model, ref = _build(**config)
+    layer, layer_ref = model.features.denseblock1.denselayer2, ref.features.denseblock1.denselayer2
+    features = [_input((2, 8, 5, 5), seed=3), _input((2, 4, 5, 5), seed=4)]
+    out = layer(features)
+    torch.testing.assert_close(out, layer_ref(features))
+    assert out.shape == (2, 4, 5, 5) and out.untyped_storage().nbytes() == out.numel() * out.element_size()

@@ -1,6 +1,6 @@
 """The per-layer op interface that every backend implements.
 
-The block algorithm (``densenet_fast.block``) owns the batch-norm bookkeeping: statistics, running
+The block algorithm (``densenet_fast.block_algorithm``) owns the batch-norm bookkeeping: statistics, running
 stats, the per-channel ``scale``/``shift`` of each BN, and the folding of BN's backward into
 per-channel constants. A backend only provides the fused "affine-ReLU-conv" pieces below, which see
 BN as ``relu(x * scale + shift)`` with one ``scale`` and ``shift`` per input channel.
@@ -34,7 +34,7 @@ class ConvGrads(NamedTuple):
     """What a fused BN-ReLU-conv backward returns."""
 
     grad_x: Tensor  # the accumulator, with scale * dy added
-    grad_weight: Optional[Tensor]  # None when not requested
+    grad_weight: Optional[Tensor]  # None when not requested; the weight's or the statistics dtype
     sum_dy: Tensor  # per input channel, statistics dtype
     sum_dy_xc: Tensor  # sum(dy * (x - center)) per input channel
 
@@ -141,3 +141,10 @@ class Backend(ABC):
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and accumulations stay in float32 for half-precision activations."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a tensor laid out channels_last (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, stats_dtype
+from .interface import Backend, ConvGrads, memory_format, stats_dtype
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -28,7 +28,7 @@ _SMALL_IMAGE_ELEMENTS = 1 << 16
 
 
 def _chunks(x: Tensor) -> Iterator[slice]:
-    per_image = max(1, x[0].numel())
+    per_image = max(1, x.numel() // max(1, x.shape[0]))
     if x.is_contiguous() or per_image < _SMALL_IMAGE_ELEMENTS:
         step = max(1, _CHUNK_ELEMENTS // per_image)
     else:
@@ -55,6 +55,11 @@ def _as_matrices(t: Tensor) -> Tensor:
     return t.view(t.shape[0], t.shape[1], -1)
 
 
+def _weight_grad_accumulator(weight: Tensor) -> Tensor:
+    # Accumulated over chunks of images: in the statistics dtype, so half precision rounds once.
+    return torch.zeros_like(weight, dtype=stats_dtype(weight.dtype))
+
+
 def _conv1x1(y: Tensor, weight: Tensor, out: Tensor) -> None:
     if y.is_contiguous() and out.is_contiguous():
         torch.matmul(weight.view(weight.shape[0], -1), _as_matrices(y), out=_as_matrices(out))
@@ -70,7 +75,10 @@ def _conv1x1_backward(grad_out: Tensor, y: Tensor, weight: Tensor, grad_w: Optio
         if grad_w is not None:
             g2d = grad_w.view(w2d.shape)
             for go_i, y_i in zip(go, _as_matrices(y)):
-                g2d.addmm_(go_i, y_i.t())
+                if g2d.dtype == go_i.dtype:
+                    g2d.addmm_(go_i, y_i.t())
+                else:  # half-precision activations: the sum over images stays in float32
+                    g2d += torch.mm(go_i, y_i.t())
         return torch.matmul(w2d.t(), go).view(y.shape)
     grad_y, gw, _ = torch.ops.aten.convolution_backward(
         grad_out, y, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, grad_w is not None, False])
@@ -113,6 +121,8 @@ class TorchBackend(Backend):
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
         affine = _Affine(scale, shift, z.dtype)
         parts = [F.conv2d(affine.relu(z[s]), weight, padding=1) for s in _chunks(z)]
+        if not parts:  # an empty batch
+            parts = [z.new_empty((0, weight.shape[0]) + z.shape[2:])]
         f = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts
         if noise is not None:
@@ -123,7 +133,7 @@ class TorchBackend(Backend):
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
         affine = _Affine(scale, shift, x.dtype)
-        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         out = torch.empty_like(x) if grad_x is None else grad_x
         for s in _chunks(x):
@@ -142,7 +152,7 @@ class TorchBackend(Backend):
         # The input gradient needs no activations: one transposed conv over the whole batch.
         dy_all = torch.ops.aten.convolution_backward(
             grad_out, z, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         for s in _chunks(z):
             y = affine.relu(z[s])
@@ -161,9 +171,8 @@ class TorchBackend(Backend):
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
         n, _, h, w = x.shape
         # The block's layout carries over to the next block (channels_last stays channels_last).
-        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=layout)
+        out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device,
+                          memory_format=memory_format(x))
         affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
             _conv1x1(F.avg_pool2d(affine.relu(x[s]), 2), weight, out[s])
@@ -171,7 +180,7 @@ class TorchBackend(Backend):
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
         affine = _Affine(scale, shift, x.dtype)
-        grad_w = torch.zeros_like(weight) if need_weight_grad else None
+        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         out = torch.empty_like(x) if grad_x is None else grad_x
         for s in _chunks(x):
