@@ -88,7 +88,14 @@ __device__ BnReluGrad<acc_t> sum_over_y(BnReluGrad<acc_t> v) {
   return {shared_a[shared_index(0)], shared_b[shared_index(0)]};
 }
 
-// Welford over this thread's values of channel c, merged per block: partial[split][c].
+// Every value of channel c is taken relative to the channel's first value: float32 Welford
+// then works on numbers of the size of the spread, not of the mean (x + 1e4 stays accurate).
+template <typename scalar_t, typename acc_t>
+__device__ inline acc_t channel_shift(const scalar_t* x, const ActivationLayout& l, int64_t c) {
+  return static_cast<acc_t>(x[element_offset(l, 0, c, 0)]);
+}
+
+// Welford over this thread's (shifted) values of channel c, merged per block: partial[split][c].
 template <typename scalar_t, typename acc_t>
 __global__ void channel_moments_kernel(const scalar_t* __restrict__ x, ActivationLayout l,
                                        Moments<acc_t>* __restrict__ partial) {
@@ -96,24 +103,27 @@ __global__ void channel_moments_kernel(const scalar_t* __restrict__ x, Activatio
   const int64_t values = l.batch * l.pixels;
   Moments<acc_t> m{0, 0, 0};
   if (c < l.channels) {
+    const acc_t shift = channel_shift<scalar_t, acc_t>(x, l, c);
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values;
          i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
       const int64_t n = i / l.pixels, p = i - n * l.pixels;
-      m = moments_add(m, static_cast<acc_t>(x[element_offset(l, n, c, p)]));
+      m = moments_add(m, static_cast<acc_t>(x[element_offset(l, n, c, p)]) - shift);
     }
   }
   m = merge_over_y(m);
   if (threadIdx.y == 0 && c < l.channels) partial[blockIdx.y * l.channels + c] = m;
 }
 
-template <typename acc_t>
-__global__ void merge_moments_kernel(const Moments<acc_t>* __restrict__ partial, int64_t splits, int64_t channels,
-                                     acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+template <typename scalar_t, typename acc_t>
+__global__ void merge_moments_kernel(const Moments<acc_t>* __restrict__ partial, int64_t splits,
+                                     const scalar_t* __restrict__ x, ActivationLayout l, acc_t* __restrict__ mean,
+                                     acc_t* __restrict__ var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t channels = l.channels;
   if (c >= channels) return;
   Moments<acc_t> m = partial[c];
   for (int64_t s = 1; s < splits; ++s) m = moments_merge(m, partial[s * channels + c]);
-  mean[c] = m.mean;
+  mean[c] = channel_shift<scalar_t, acc_t>(x, l, c) + m.mean;
   var[c] = moments_variance(m);
 }
 
@@ -230,8 +240,9 @@ std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
     channel_moments_kernel<scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(x.const_data_ptr<scalar_t>(), l,
                                                                                       partial_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    merge_moments_kernel<acc_t><<<vector_blocks(l.channels), kThreads, 0, stream>>>(
-        partial_ptr, launch.splits, l.channels, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    merge_moments_kernel<scalar_t, acc_t><<<vector_blocks(l.channels), kThreads, 0, stream>>>(
+        partial_ptr, launch.splits, x.const_data_ptr<scalar_t>(), l, mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
