@@ -131,14 +131,15 @@ class TorchBackend(Backend):
         # Statistics of the new channels while they are contiguous, before they sit in the buffer.
         return self.channel_stats(f) if with_stats else (None, None)
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def _prologue_backward(self, x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of):
+        """Shared by the 1x1 convs: ``dy_of(grad_out_chunk, y, grad_w)`` gives the chunk's BN-output grad."""
         affine = _Affine(scale, shift, x.dtype)
         grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         out = torch.empty_like(x) if grad_x is None else grad_x
         for s in _chunks(x):
             y = affine.relu(x[s])
-            dy = _conv1x1_backward(grad_out[s], y, weight, grad_w)
+            dy = dy_of(s, y, grad_w)
             _finish_dy(dy, y, x[s], center, affine.ones, sums)
             del y
             if grad_x is None:
@@ -146,6 +147,12 @@ class TorchBackend(Backend):
             else:
                 out[s].addcmul_(dy, affine.scale4)
         return ConvGrads(out, grad_w, sums[0], sums[1])
+
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+        def dy_of(s, y, grad_w):
+            return _conv1x1_backward(grad_out[s], y, weight, grad_w)
+
+        return self._prologue_backward(x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of)
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         affine = _Affine(scale, shift, z.dtype)
@@ -179,22 +186,11 @@ class TorchBackend(Backend):
         return out
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
-        affine = _Affine(scale, shift, x.dtype)
-        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
-        sums = [torch.zeros_like(center), torch.zeros_like(center)]
-        out = torch.empty_like(x) if grad_x is None else grad_x
-        for s in _chunks(x):
-            y = affine.relu(x[s])
+        def dy_of(s, y, grad_w):
             d_pooled = _conv1x1_backward(grad_out[s], F.avg_pool2d(y, 2), weight, grad_w)
-            dy = torch.ops.aten.avg_pool2d_backward(d_pooled, y, [2, 2], [2, 2], [0, 0], False, True, None)
-            del d_pooled
-            _finish_dy(dy, y, x[s], center, affine.ones, sums)
-            del y
-            if grad_x is None:
-                torch.mul(dy, affine.scale4, out=out[s])
-            else:
-                out[s].addcmul_(dy, affine.scale4)
-        return ConvGrads(out, grad_w, sums[0], sums[1])
+            return torch.ops.aten.avg_pool2d_backward(d_pooled, y, [2, 2], [2, 2], [0, 0], False, True, None)
+
+        return self._prologue_backward(x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of)
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
         dt = x.dtype
