@@ -263,6 +263,11 @@ def run_max_depth(args: argparse.Namespace) -> int:
         raise UsageError(f"{PROG} max-depth: error: --fit-depths needs at least 3 different depths of the form 6n+4")
     if args.batch < 1 or args.size < 8:
         raise UsageError(f"{PROG} max-depth: error: --batch must be >= 1 and --size >= 8")
+    floor = B.bc_state_bytes(10, args.growth_rate) + args.batch * (3 * args.size * args.size * 4 + 8)
+    if floor > args.budget:  # no need to measure anything
+        raise UsageError(f"{PROG} max-depth: error: budget {human(args.budget)} is too small: DenseNet-BC depth 10 "
+                         f"(k={args.growth_rate}, batch {args.batch}, {args.size}x{args.size}) needs more than "
+                         f"{human(floor)} before any activation")
     kinds = [f"densenet_fast[{b}]" for b in _backends(args.backend, device, torch.float32)] + list(B.MAX_DEPTH_KINDS)
     estimate = device.type == "cpu" and args.batch > 2
     results = []

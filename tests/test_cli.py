@@ -32,7 +32,7 @@ def test_bench_writes_table_json_csv_and_plot(capsys, tmp_path):
     files = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "png")}
     status, out, _ = run(capsys, "bench", "--depth", "10", "--growth-rate", "4", "--batch", "2", "--size", "8",
                          "--rounds", "1", "--json", str(files["json"]), "--csv", str(files["csv"]),
-                         "--plot", str(files["png"]), "--plot-depths", "10", "16", "--plot-batches", "1", "2",
+                         "--plot", str(files["png"]), "--plot-depths", "10", "16", "--plot-batches", "2",
                          "--plot-batch", "2", "--plot-size", "8")
     assert status == 0
     expected = ["torchvision", "torchvision memory_efficient"] + [
@@ -43,7 +43,7 @@ def test_bench_writes_table_json_csv_and_plot(capsys, tmp_path):
     assert [r["model"] for r in payload["results"]] == expected
     assert all(r["peak_bytes"] > 0 and r["step_time_s"] > 0 for r in payload["results"])
     assert {p["depth"] for p in payload["sweeps"]["depth"]} == {10, 16}
-    assert {p["batch"] for p in payload["sweeps"]["batch"]} == {1, 2}
+    assert {p["batch"] for p in payload["sweeps"]["batch"]} == {2}
     csv_lines = files["csv"].read_text().splitlines()
     assert csv_lines[0].startswith("model,peak_bytes") and len(csv_lines) == 1 + len(expected)
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,19 +61,29 @@ def test_bench_under_autocast_and_float64(capsys):
 TINY_TRAIN = ("train", "--depth", "10", "--growth-rate", "4", "--batch-size", "128")
 
 
-def test_train_one_epoch_then_resume_matches_an_uninterrupted_run(capsys, tmp_path):
-    resumed, straight = tmp_path / "resumed.pt", tmp_path / "straight.pt"
-    status, out, _ = run(capsys, *TINY_TRAIN, "--epochs", "1", "--checkpoint", str(resumed))
+def test_train_interrupted_then_resumed_matches_an_uninterrupted_run(capsys, tmp_path, monkeypatch):
+    from densenet_fast import train as train_module
+
+    straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
+    status, out, _ = run(capsys, *TINY_TRAIN, "--epochs", "2", "--checkpoint", str(straight))
     assert status == 0
-    assert "epoch 1/1: loss" in out and "peak memory" in out
+    assert "epoch 2/2: loss" in out and "peak memory" in out
     assert out.strip().splitlines()[-1].startswith("test accuracy: ")
+
+    save = train_module._save
+
+    def save_then_interrupt(*args, **kwargs):  # Ctrl-C right after the first checkpoint
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save", save_then_interrupt)
+    assert run(capsys, *TINY_TRAIN, "--epochs", "2", "--checkpoint", str(resumed))[0] == 130
     state = torch.load(resumed, weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "scheduler"} <= set(state)
+    monkeypatch.setattr(train_module, "_save", save)
 
     status, out, _ = run(capsys, *TINY_TRAIN, "--epochs", "2", "--checkpoint", str(resumed), "--resume")
     assert status == 0 and "resumed from" in out and "epoch 2/2" in out and "epoch 1/2" not in out
-    status, _, _ = run(capsys, *TINY_TRAIN, "--epochs", "2", "--checkpoint", str(straight))
-    assert status == 0
     # Same seeds, same per-epoch shuffling: 1 + 1 epochs equal 2 epochs exactly.
     a, b = torch.load(resumed, weights_only=True)["model"], torch.load(straight, weights_only=True)["model"]
     for key in a:
