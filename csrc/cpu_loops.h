@@ -7,8 +7,9 @@
 // over both so each loop compiles to straight, vectorizable code.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 
@@ -44,9 +45,13 @@ inline int64_t slot_count(int64_t work, int64_t min_per_slot) {
 // body(slot, begin, end) over `num_slots` contiguous parts of [0, total), in parallel. Each
 // slot keeps its own partial sums, merged afterwards in slot order, so results depend on the
 // thread count only, never on scheduling.
+// The slots call ATen (GEMMs) on OpenMP worker threads, so they run under the caller's
+// thread-local state (grad and inference mode, dispatch-key guards), which OpenMP doesn't carry.
 template <typename F>
 void for_each_slot(int64_t total, int64_t num_slots, const F& body) {
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_slots, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t s = begin; s < end; ++s) body(s, total * s / num_slots, total * (s + 1) / num_slots);
   });
 }

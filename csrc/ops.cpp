@@ -22,7 +22,16 @@ namespace {
 
 // The kernels call ATen (GEMMs, convolutions) on tensors that may require grad; those calls
 // are implementation details that autograd must not see (these ops have no autograd formula).
-using NestedAtenCalls = at::AutoDispatchBelowADInplaceOrView;
+// Below Autograd only, not below ADInplaceOrView: tensors created with both excluded would be
+// inference tensors, which callers outside torch.inference_mode() may not update in place.
+using NestedAtenCalls = at::AutoDispatchBelowAutograd;
+
+// What the fused kernels see of an argument: the same storage without autograd metadata, so
+// their nested ATen calls never involve autograd whatever the caller's grad mode.
+Tensor plain(const Tensor& t) { return t.detach(); }
+std::optional<Tensor> plain(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(t->detach()) : std::nullopt;
+}
 
 bool built_with_cuda() {
 #ifdef DENSENET_FAST_WITH_CUDA
@@ -141,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_op(const Tensor& x, const Ten
                                                    const Tensor& weight, bool with_stats) {
   NestedAtenCalls guard;
   check_layer_args(x, scale, shift, weight, 1);
-  return bn_relu_conv1x1_cpu(x, scale, shift, weight, with_stats);
+  return bn_relu_conv1x1_cpu(plain(x), plain(scale), plain(shift), plain(weight), with_stats);
 }
 
 std::tuple<Tensor, Tensor> bn_relu_conv3x3_op(const Tensor& z, const Tensor& scale, const Tensor& shift,
@@ -152,7 +161,7 @@ std::tuple<Tensor, Tensor> bn_relu_conv3x3_op(const Tensor& z, const Tensor& sca
   const auto shape = conv_output_shape(z, weight, false);
   check_like(out, "out", z, shape, "(N, out_channels, H, W)");
   if (noise.has_value()) check_like(*noise, "noise", z, shape, "the shape of 'out'");
-  return bn_relu_conv3x3_cpu(z, scale, shift, weight, out, noise, with_stats);
+  return bn_relu_conv3x3_cpu(plain(z), plain(scale), plain(shift), plain(weight), plain(out), plain(noise), with_stats);
 }
 
 void check_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift,
@@ -170,7 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, false);
-  return bn_relu_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
+  return bn_relu_conv1x1_backward_cpu(plain(grad_out), plain(x), plain(scale), plain(shift), plain(weight), plain(center),
+                                      plain(grad_x), need_weight_grad);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
@@ -178,13 +188,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, z, scale, shift, weight, center, grad_x, 3, false);
-  return bn_relu_conv3x3_backward_cpu(grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad);
+  return bn_relu_conv3x3_backward_cpu(plain(grad_out), plain(z), plain(scale), plain(shift), plain(weight), plain(center),
+                                      plain(grad_x), need_weight_grad);
 }
 
 Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
   NestedAtenCalls guard;
   check_layer_args(x, scale, shift, weight, 1);
-  return bn_relu_pool_conv1x1_cpu(x, scale, shift, weight);
+  return bn_relu_pool_conv1x1_cpu(plain(x), plain(scale), plain(shift), plain(weight));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
@@ -192,7 +203,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
     const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, true);
-  return bn_relu_pool_conv1x1_backward_cpu(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad);
+  return bn_relu_pool_conv1x1_backward_cpu(plain(grad_out), plain(x), plain(scale), plain(shift), plain(weight),
+                                           plain(center), plain(grad_x), need_weight_grad);
 }
 
 }  // namespace

@@ -153,3 +153,20 @@ def test_float32_step_close_to_reference():
     torch.testing.assert_close(grad_x, r_grad_x, atol=1e-4, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], r_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_no_grad_and_inference_mode(train):
+    # The fused ops run ATen GEMMs on worker threads: the caller's grad/inference mode must hold there.
+    fast, ref = model_pair(seed=20)
+    fast.train(train)
+    ref.train(train)
+    x = input_batch((2, 3, 37, 35), seed=21)
+    densenet_fast.set_backend("cpp")
+    with torch.no_grad():
+        expected = ref(x)
+        out = fast(x)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), expected, atol=ATOL, rtol=RTOL)
