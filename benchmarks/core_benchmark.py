@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import densenet_fast
-from densenet_fast.bench import MiB, activation_peak, compare_steps, format_table, torchvision_densenet_bc
+from densenet_fast.bench import MiB, Pinned, activation_peak, compare_steps, format_table, torchvision_densenet_bc
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         "torchvision memory_efficient": torchvision.models.densenet121(memory_efficient=True),
     }
     for backend in densenet_fast.available_backends():
-        models[f"densenet_fast[{backend}]"] = _Pinned(densenet_fast.convert(tv_model), backend)
+        models[f"densenet_fast[{backend}]"] = Pinned(densenet_fast.convert(tv_model), backend)
     print(f"## DenseNet-121 training step, batch {args.batch}, {args.size}x{args.size}\n")
     results = compare_steps(models, x, rounds=args.rounds)
     print(format_table(results, "torchvision"))
@@ -67,22 +67,6 @@ def main() -> None:
         peaks = [activation_peak(make(d), xd) for d in (d0, d1)]
         print(f"| {name} | {peaks[0] / MiB:.1f} MiB | {peaks[1] / MiB:.1f} MiB | {peaks[1] / peaks[0]:.2f}x |")
     print("\n(target: densenet_fast grows <= 2.8x from depth 100 to 250)")
-
-
-class _Pinned(torch.nn.Module):
-    """Runs a model's forward with ``backend`` pinned (backward reuses the forward's backend)."""
-
-    def __init__(self, model: torch.nn.Module, backend: str):
-        super().__init__()
-        self.model, self.backend = model, backend
-
-    def forward(self, x):
-        previous = densenet_fast.get_backend_name()
-        densenet_fast.set_backend(self.backend)
-        try:
-            return self.model(x)
-        finally:
-            densenet_fast.set_backend(previous)
 
 
 if __name__ == "__main__":

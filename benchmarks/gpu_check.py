@@ -27,29 +27,13 @@ import torchvision
 from torch import nn
 
 import densenet_fast
-from densenet_fast.bench import MiB, StepResult, compare_steps, torchvision_densenet_bc
+from densenet_fast.bench import MiB, Pinned, StepResult, compare_steps, torchvision_densenet_bc
 
 TV, TV_ME, TV_COMPILED = "torchvision", "torchvision memory_efficient", "torchvision compiled"
 # The issue's targets for densenet_fast.
 MEMORY_TARGET = 0.25  # peak memory vs torchvision
 TIME_TARGET = {"float32": 1.0, "bf16 autocast": 0.9}  # step time vs torchvision
 SPEEDUP_VS_ME = 1.3  # at least this much faster than torchvision memory_efficient=True
-
-
-class Pinned(nn.Module):
-    """Runs ``model`` with densenet_fast's ``backend`` pinned (backward reuses the forward's backend)."""
-
-    def __init__(self, model: nn.Module, backend: str):
-        super().__init__()
-        self.model, self.backend = model, backend
-
-    def forward(self, x):
-        previous = densenet_fast.get_backend_name()
-        densenet_fast.set_backend(self.backend)
-        try:
-            return self.model(x)
-        finally:
-            densenet_fast.set_backend(previous)
 
 
 def check_targets(r: StepResult, tv: StepResult, tv_me: Optional[StepResult], precision: str) -> str:
