@@ -8,6 +8,16 @@ import densenet_fast
 from helpers import compare_with_reference, reference_twin
 
 
+@pytest.fixture(autouse=True, params=["torch", "cpp"])
+def backend(request):
+    """Every model test runs on each CPU backend (triton's model test runs in its interpreter)."""
+    if request.param not in densenet_fast.available_backends():
+        pytest.skip(f"backend {request.param!r} is not built in this installation")
+    densenet_fast.set_backend(request.param)
+    yield request.param
+    densenet_fast.set_backend(None)
+
+
 def _build(seed=0, dtype=torch.float64, **config):
     torch.manual_seed(seed)
     model = densenet_fast.DenseNet(**config).to(dtype)
