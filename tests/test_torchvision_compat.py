@@ -1,14 +1,12 @@
 """Drop-in compatibility with torchvision: names, state_dicts both ways, numbers, convert()."""
-import copy
 
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import densenet_fast
 from densenet_fast.bench import torchvision_densenet_bc
-from helpers import compare_with_reference, reference_twin
+from helpers import compare_with_reference
 
 PRESETS = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
@@ -49,7 +47,7 @@ def test_legacy_state_dict_keys_are_remapped():
         if "denselayer" in key and key.endswith("num_batches_tracked"):
             continue  # checkpoints of that era predate num_batches_tracked
         for old, new in (("norm1", "norm.1"), ("conv2", "conv.2"), ("norm2", "norm.2"), ("conv1", "conv.1")):
-            if f"denselayer" in key and f".{old}." in key:
+            if "denselayer" in key and f".{old}." in key:
                 key = key.replace(f".{old}.", f".{new}.")
         legacy[key] = value.clone()
     assert any(".norm.1." in k for k in legacy)
