@@ -281,7 +281,7 @@ def measure_step_transient(kind: str, depth: int, growth_rate: int, batch: int, 
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    def step() -> None:
+    def step(model=model, optimizer=optimizer, x=x, y=y) -> None:
         optimizer.zero_grad(set_to_none=False)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -289,13 +289,13 @@ def measure_step_transient(kind: str, depth: int, growth_rate: int, batch: int, 
     try:
         if device.type == "cuda":
             step()  # warm-up: kernels, cuDNN workspaces, allocator
-        return float(peak_memory(step, device))
+        peak = float(peak_memory(step, device))
     except torch.cuda.OutOfMemoryError:
-        return float("inf")
-    finally:
-        del model, optimizer, x, y
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        peak = float("inf")
+    del step, model, optimizer, x, y  # free them (and the cached blocks) before the next depth
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return peak
 
 
 @dataclass
