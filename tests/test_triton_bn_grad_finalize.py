@@ -1,17 +1,11 @@
 """bn_grad_finalize (Triton) against bn_grad_finalize_ref, in place on odd-offset channel slices of
 NCHW and channels_last gradient buffers; the channels around the slice stay untouched."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import bn_grad_finalize, bn_grad_finalize_ref
+from triton_cases import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
     (torch.float32, 1e-5, 1e-5),
     (torch.float16, 1e-3, 1e-3),

@@ -1,21 +1,10 @@
 """bn_relu_conv1x1 (Triton) against bn_relu_conv1x1_ref, on prefix views of NCHW and channels_last buffers."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import bn_relu_conv1x1, bn_relu_conv1x1_ref
+from triton_cases import DEVICE, DTYPES
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [
-    (torch.float32, 1e-4, 1e-4),
-    (torch.float16, 1e-2, 1e-2),
-    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
 # (N, buffer channels, input channels, output channels, H, W): batch 1, odd sizes, several tiles of
 # pixels (9 x 11 > 64), of input channels (70 > 32) and of output channels (150 > 128).
 SHAPES = [(1, 13, 13, 11, 5, 7), (2, 29, 19, 20, 3, 3), (2, 80, 70, 150, 9, 11)]

@@ -1,28 +1,13 @@
 """bn_relu_conv1x1_backward (Triton) against bn_relu_conv1x1_backward_ref: the accumulated input
 gradient of a prefix view, the weight gradient and the two BN reductions."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import bn_relu_conv1x1_backward, bn_relu_conv1x1_backward_ref
+from triton_cases import DEVICE, DTYPES, layout as _layout
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [
-    (torch.float32, 1e-4, 1e-4),
-    (torch.float16, 1e-2, 1e-2),
-    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
 # (N, buffer channels, input channels, output channels, H, W)
 SHAPES = [(1, 13, 13, 11, 5, 7), (2, 29, 19, 20, 3, 3), (2, 80, 70, 90, 9, 11)]
-
-
-def _layout(t, channels_last):
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
 def _inputs(shape, dtype, channels_last):

@@ -1,29 +1,14 @@
 """bn_relu_conv3x3 (Triton) against bn_relu_conv3x3_ref: new channels written into an odd-offset
 slice of an NCHW or channels_last buffer, with and without dropout's noise, and their statistics."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import bn_relu_conv3x3, bn_relu_conv3x3_ref
+from triton_cases import DEVICE, DTYPES, layout as _layout
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [
-    (torch.float32, 1e-4, 1e-4),
-    (torch.float16, 1e-2, 1e-2),
-    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
 # (N, bottleneck channels, new channels k, H, W): batch 1, 1-pixel-wide maps, odd sizes, two pixel
 # tiles (9 x 11 > 64), two input-channel blocks (40 > 32), k not a multiple of 8.
 SHAPES = [(1, 12, 5, 5, 7), (2, 19, 4, 1, 6), (2, 40, 13, 9, 11)]
-
-
-def _layout(t, channels_last):
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)

@@ -1,23 +1,12 @@
 """bn_relu_pool_conv1x1_backward (Triton) against its reference: the input gradient (new, or added
 into a gradient buffer), the weight gradient and the BN reductions; odd sizes leave the last
 row/column without gradient."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import bn_relu_pool_conv1x1_backward, bn_relu_pool_conv1x1_backward_ref
+from triton_cases import DEVICE, DTYPES
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [
-    (torch.float32, 1e-4, 1e-4),
-    (torch.float16, 1e-2, 1e-2),
-    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
 # (N, buffer channels, input channels, output channels, H, W)
 SHAPES = [(1, 13, 13, 6, 5, 7), (2, 29, 19, 9, 2, 3), (2, 70, 70, 35, 17, 18)]
 

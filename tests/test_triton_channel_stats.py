@@ -1,18 +1,12 @@
 """channel_stats (Triton) against channel_stats_ref: per-channel mean and biased variance of prefix
 views and slices of NCHW / channels_last buffers, and a large mean that would cancel a naive
 sum-of-squares variance."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
-
-import pytest
-
 from densenet_fast.ops.triton import channel_stats, channel_stats_ref
+from triton_cases import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
     (torch.float32, 1e-5, 1e-5),
     (torch.float16, 1e-3, 1e-3),  # statistics of the same float16 values, accumulated in float32

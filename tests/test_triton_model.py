@@ -3,20 +3,12 @@ outputs, input gradient, every parameter gradient and the running statistics.
 
 On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors.
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # Read when the kernels are decorated, so before densenet_fast's triton backend is imported.
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
+import torch
 
 import densenet_fast
 from densenet_fast.reference import DenseNet as ReferenceDenseNet
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from triton_cases import DEVICE
 
 
 @pytest.fixture
