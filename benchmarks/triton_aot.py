@@ -1,0 +1,185 @@
+"""Compile every Triton kernel the model launches for a real GPU target, on a machine without a GPU.
+
+The tests run the kernels in Triton's CPU interpreter, which accepts programs the GPU compiler
+rejects (tl.dot shapes and operand dtypes, layouts, register pressure, bf16). This script drives
+training and inference steps of real models with the ``triton`` backend on CPU tensors, but with
+the kernels compiled rather than interpreted: a stand-in driver reports a CUDA target (sm_90, the
+H200, by default) and every launch is turned into Triton's ``warmup`` (compile, don't run). So each
+kernel is compiled through ptxas to a cubin at exactly the specializations (dtypes, constexprs,
+integer and alignment specializations) the model produces, and nothing is executed: the numbers
+the steps compute are meaningless and unused.
+
+It prints one line per compiled variant and a summary (variants and seconds per kernel), and exits
+with 1, naming the kernel and its signature, if any variant fails to compile. Compile time here is
+CPU time, so the summary also says what the first GPU run pays for compilation.
+
+    python benchmarks/triton_aot.py                 # sm_90; the quick workload set (CI)
+    python benchmarks/triton_aot.py --arch 80       # sm_80 (A100)
+    python benchmarks/triton_aot.py --full          # + DenseNet-121 at 224² and BC-100 at 32², as gpu_check runs them
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+# Kernels are compiled (not interpreted) only if TRITON_INTERPRET is off when they are decorated.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import densenet_fast  # noqa: E402
+from densenet_fast.ops import register_backend  # noqa: E402
+from densenet_fast.ops.triton_backend import TritonBackend  # noqa: E402
+
+
+class TargetOnlyDriver:
+    """The part of Triton's driver that compiling needs: a target, a device index and a stream."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class CompileOnlyTritonBackend(TritonBackend):
+    """The triton backend, serving CPU tensors (its kernels are compiled, never launched)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:  # no CUDA device needed: nothing runs on one
+        pass
+
+    def check_tensors(self, x) -> None:
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"unexpected dtype {x.dtype}")
+
+
+compiled: list[tuple[str, str, float]] = []  # (kernel, specialization, seconds)
+failures: list[tuple[str, str, str]] = []
+
+
+def install(arch: int) -> None:
+    driver.set_active(TargetOnlyDriver(arch))
+    run = JITFunction.run
+
+    def compile_only_run(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    do_compile = JITFunction._do_compile
+
+    def timed_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        spec = ", ".join(f"{k}={v}" for k, v in signature.items() if v != "constexpr")
+        consts = ", ".join(f"{self.params[k[0]].name if len(k) == 1 else k}={v}" for k, v in constexprs.items())
+        label = f"{spec} | {consts} | num_warps={options.num_warps}"
+        start = time.perf_counter()
+        try:
+            kernel = do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
+        except Exception as err:  # report every failure, not just the first
+            failures.append((self.__name__, label, f"{type(err).__name__}: {err}"))
+            print(f"FAILED  {self.__name__}  {label}\n        {type(err).__name__}: {str(err)[:2000]}", flush=True)
+            raise
+        seconds = time.perf_counter() - start
+        compiled.append((self.__name__, label, seconds))
+        print(f"{seconds:6.2f} s  {self.__name__}  {label}", flush=True)
+        return kernel
+
+    JITFunction.run = compile_only_run
+    JITFunction._do_compile = timed_compile
+    register_backend("triton", CompileOnlyTritonBackend)
+    densenet_fast.set_backend("triton")
+
+
+def step(model: torch.nn.Module, x: torch.Tensor, train: bool, autocast: torch.dtype | None = None) -> None:
+    """One training step's forward and backward (or an inference forward) of ``model`` on ``x``."""
+    model.train(train)
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+    if not train:
+        with torch.no_grad(), ctx:
+            model(x)
+        return
+    x = x.clone().requires_grad_(False)
+    with ctx:
+        out = model(x)
+    out.float().sum().backward()
+
+
+def workloads(full: bool):
+    """(name, build model, input shape, dtype of model and input, autocast dtype, channels_last, train)."""
+    small = lambda **kw: densenet_fast.densenet_bc(depth=10, growth_rate=4, **kw)  # noqa: E731
+    cases = []
+    for train in (True, False):
+        for cl in (False, True):
+            cases += [
+                ("bc10 fp32", small, (2, 3, 8, 8), torch.float32, None, cl, train),
+                ("bc10 fp16", small, (2, 3, 8, 8), torch.float16, None, cl, train),
+                ("bc10 bf16 autocast", small, (2, 3, 8, 8), torch.float32, torch.bfloat16, cl, train),
+            ]
+    cases.append(("bc10 odd 7x9 fp32", small, (2, 3, 7, 9), torch.float32, None, False, True))
+    cases.append(("bc10 dropout", lambda: small(drop_rate=0.2), (2, 3, 8, 8), torch.float32, None, False, True))
+    cases.append(("bc10 keep bottlenecks", lambda: small(memory_efficient=False), (2, 3, 8, 8),
+                  torch.float32, None, False, True))
+    if full:
+        for amp in (None, torch.bfloat16):
+            cases.append(("densenet121 224²", densenet_fast.densenet121, (1, 3, 224, 224), torch.float32, amp,
+                          False, True))
+            cases.append(("bc100 32²", lambda: densenet_fast.densenet_bc(depth=100, growth_rate=12),
+                          (2, 3, 32, 32), torch.float32, amp, False, True))
+    return cases
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--full", action="store_true", help="also the benchmark workloads of gpu_check")
+    args = parser.parse_args(argv)
+    install(args.arch)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
+    start = time.perf_counter()
+    for name, build, shape, dtype, amp, channels_last, train in workloads(args.full):
+        print(f"-- {name}{' channels_last' if channels_last else ''}{' train' if train else ' eval'}", flush=True)
+        torch.manual_seed(0)
+        model = build().to(dtype)
+        x = torch.randn(shape, dtype=dtype)
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        try:
+            step(model, x, train, amp)
+        except Exception as err:
+            if not failures:  # not a compile error: a bug of this script or of the model's code
+                raise
+            print(f"   stopped by the compile error above ({type(err).__name__})", flush=True)
+    per_kernel = defaultdict(lambda: [0, 0.0])
+    for kernel, _, seconds in compiled:
+        per_kernel[kernel][0] += 1
+        per_kernel[kernel][1] += seconds
+    print(f"\n{'kernel':<36} variants  seconds")
+    for kernel, (count, seconds) in sorted(per_kernel.items()):
+        print(f"{kernel:<36} {count:8d}  {seconds:7.1f}")
+    print(f"{len(compiled)} variants compiled for sm_{args.arch} in {sum(s for *_, s in compiled):.1f} s "
+          f"(whole run {time.perf_counter() - start:.1f} s)")
+    if failures:
+        print(f"{len(failures)} variant(s) FAILED to compile:")
+        for kernel, label, err in failures:
+            print(f"  {kernel}  {label}\n    {err[:500]}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
