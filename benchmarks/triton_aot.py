@@ -13,21 +13,28 @@ It prints one line per compiled variant and a summary (variants and seconds per 
 with 1, naming the kernel and its signature, if any variant fails to compile. Compile time here is
 CPU time, so the summary also says what the first GPU run pays for compilation.
 
-    python benchmarks/triton_aot.py                 # sm_90; the quick workload set (CI)
-    python benchmarks/triton_aot.py --arch 80       # sm_80 (A100)
-    python benchmarks/triton_aot.py --full          # + DenseNet-121 at 224² and BC-100 at 32², as gpu_check runs them
+    python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
+    python benchmarks/triton_aot.py --arch 80             # sm_80 (A100)
+    python benchmarks/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
+
+Compiled kernels land in Triton's on-disk cache (~/.triton/cache, or TRITON_CACHE_DIR), keyed by
+source, target and specialization, not by how they were compiled. So ``benchmarks/gpu_check`` runs
+``--set bench`` in the background on the GPU machine's spare cores: the benchmarks' warm-up steps
+then find most kernels compiled (a key that differs, say by a pointer's alignment, only costs a
+compile there, as it would have anyway).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 # Kernels are compiled (not interpreted) only if TRITON_INTERPRET is off when they are decorated.
-os.environ["TRITON_INTERPRET"] = "0"
+os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -119,39 +126,52 @@ def step(model: torch.nn.Module, x: torch.Tensor, train: bool, autocast: torch.d
     out.float().sum().backward()
 
 
-def workloads(full: bool):
+def workloads(which: str):
     """(name, build model, input shape, dtype of model and input, autocast dtype, channels_last, train)."""
-    small = lambda **kw: densenet_fast.densenet_bc(depth=10, growth_rate=4, **kw)  # noqa: E731
     cases = []
-    for train in (True, False):
-        for cl in (False, True):
-            cases += [
-                ("bc10 fp32", small, (2, 3, 8, 8), torch.float32, None, cl, train),
-                ("bc10 fp16", small, (2, 3, 8, 8), torch.float16, None, cl, train),
-                ("bc10 bf16 autocast", small, (2, 3, 8, 8), torch.float32, torch.bfloat16, cl, train),
-            ]
-    cases.append(("bc10 odd 7x9 fp32", small, (2, 3, 7, 9), torch.float32, None, False, True))
-    cases.append(("bc10 dropout", lambda: small(drop_rate=0.2), (2, 3, 8, 8), torch.float32, None, False, True))
-    cases.append(("bc10 keep bottlenecks", lambda: small(memory_efficient=False), (2, 3, 8, 8),
-                  torch.float32, None, False, True))
-    if full:
-        for amp in (None, torch.bfloat16):
-            cases.append(("densenet121 224²", densenet_fast.densenet121, (1, 3, 224, 224), torch.float32, amp,
-                          False, True))
-            cases.append(("bc100 32²", lambda: densenet_fast.densenet_bc(depth=100, growth_rate=12),
-                          (2, 3, 32, 32), torch.float32, amp, False, True))
+    if which in ("quick", "all"):
+        small = lambda **kw: densenet_fast.densenet_bc(depth=10, growth_rate=4, **kw)  # noqa: E731
+        for train in (True, False):
+            for cl in (False, True):
+                cases += [
+                    ("bc10 fp32", small, (2, 3, 8, 8), torch.float32, None, cl, train),
+                    ("bc10 fp16", small, (2, 3, 8, 8), torch.float16, None, cl, train),
+                    ("bc10 bf16 autocast", small, (2, 3, 8, 8), torch.float32, torch.bfloat16, cl, train),
+                ]
+        cases.append(("bc10 odd 7x9 fp32", small, (2, 3, 7, 9), torch.float32, None, False, True))
+        cases.append(("bc10 dropout", lambda: small(drop_rate=0.2), (2, 3, 8, 8), torch.float32, None, False, True))
+        cases.append(("bc10 keep bottlenecks", lambda: small(memory_efficient=False), (2, 3, 8, 8),
+                      torch.float32, None, False, True))
+    if which in ("bench", "all"):  # as benchmarks/gpu_check.py runs them
+        bc100 = lambda: densenet_fast.densenet_bc(depth=100, growth_rate=12)  # noqa: E731
+        for amp, label in ((None, "fp32"), (torch.bfloat16, "bf16 autocast")):
+            cases.append((f"densenet121 b64 224² {label}", densenet_fast.densenet121, (64, 3, 224, 224),
+                          torch.float32, amp, False, True))
+            cases.append((f"bc100 b64 32² {label}", bc100, (64, 3, 32, 32), torch.float32, amp, False, True))
     return cases
+
+
+def run_shards(argv: list[str], jobs: int) -> int:
+    """Runs the workloads in ``jobs`` processes (``--shard i/jobs`` each); the worst exit code."""
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--shard", f"{i}/{jobs}"]) for i in range(jobs)]
+    return max(p.wait() for p in procs)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--full", action="store_true", help="also the benchmark workloads of gpu_check")
+    parser.add_argument("--set", default="quick", choices=["quick", "bench", "all"],
+                        help="quick: small nets in every mode; bench: gpu_check's benchmark workloads")
+    parser.add_argument("--jobs", type=int, default=1, help="processes to share the workloads")
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.jobs > 1:
+        return run_shards(["--arch", str(args.arch), "--set", args.set], args.jobs)
+    index, count = map(int, args.shard.split("/"))
     install(args.arch)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
     start = time.perf_counter()
-    for name, build, shape, dtype, amp, channels_last, train in workloads(args.full):
+    for name, build, shape, dtype, amp, channels_last, train in workloads(args.set)[index::count]:
         print(f"-- {name}{' channels_last' if channels_last else ''}{' train' if train else ' eval'}", flush=True)
         torch.manual_seed(0)
         model = build().to(dtype)

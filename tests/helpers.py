@@ -38,7 +38,7 @@ def step(model: nn.Module, x: torch.Tensor, grad_seed: int, seed: int = 0):
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # dropout masks
     out = model(x)
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out, [x] + params, g, allow_unused=True)
     return out.detach(), grads[0], dict(zip([n for n, p in model.named_parameters() if p.requires_grad], grads[1:]))

@@ -1,0 +1,203 @@
+"""The model on CUDA with every backend built for it, against references: training steps against
+the naive reference (outputs, input grads, every parameter grad, running stats), autocast against
+torchvision under the same autocast, GradScaler, channels_last, device moves, torch.compile with
+Inductor, and the errors of a device mix.
+
+These need a GPU: they run in ``benchmarks/gpu_check`` (its test stage runs this file first). On a
+machine without CUDA, the same behaviours are tested on CPU by test_models, test_precision_and_layout,
+test_round_trips and test_compile.
+"""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torchvision
+from torch import nn
+
+import densenet_fast
+from helpers import compare_with_reference, reference_twin
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check)")
+DEVICE = "cuda"
+BACKENDS = ["triton", "cpp", "torch"]
+
+# A net with both stems' worth of shape changes: odd sizes, a transition, two blocks.
+CONFIG = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2, num_classes=5)
+SMALL = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, small_inputs=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param not in densenet_fast.available_backends():
+        pytest.fail(f"backend {request.param!r} should be available on a CUDA machine: "
+                    f"{densenet_fast.available_backends()}")
+    densenet_fast.set_backend(request.param)
+    yield request.param
+    densenet_fast.set_backend(None)
+
+
+@pytest.fixture
+def full_float32():
+    """Both sides in full float32: cuDNN (the references) would use TF32 by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    """Random BN affine parameters and running stats, so no BN is the identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def _input(shape, seed=1, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("channels_last, drop_rate", [(False, 0.0), (True, 0.0), (False, 0.2)],
+                         ids=["nchw", "channels_last", "dropout"])
+def test_train_steps_match_reference(backend, full_float32, channels_last, drop_rate):
+    torch.manual_seed(0)
+    config = dict(CONFIG, drop_rate=drop_rate)
+    model = densenet_fast.DenseNet(**config)
+    _randomize_bn(model)
+    ref = reference_twin(model, **config)
+    model, ref = model.to(DEVICE), ref.to(DEVICE)
+    x = _input((3, 3, 37, 29))
+    if channels_last:
+        model, ref = model.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compare_with_reference(model, ref, x)
+
+
+def _autocast_errors(model, ref, x, dtype):
+    """Max abs errors of the output and of the parameter grads against the float64 reference."""
+    with torch.autocast(DEVICE, dtype=dtype):
+        out = model(x)
+    out.float().sum().backward()
+    out_ref = ref(x.double())
+    out_ref.sum().backward()
+    out_err = (out.double() - out_ref).abs().max().item()
+    grad_err = max((p.grad.double() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    return out, out_err, grad_err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_error_is_a_small_multiple_of_torchvisions(backend, dtype):
+    torch.manual_seed(0)
+    fast = densenet_fast.DenseNet(**CONFIG)
+    tv = torchvision.models.DenseNet(**CONFIG)
+    tv.load_state_dict(fast.state_dict())
+    ref = torchvision.models.DenseNet(**CONFIG).double()
+    ref.load_state_dict(fast.state_dict())
+    fast, tv, ref = fast.to(DEVICE), tv.to(DEVICE), ref.to(DEVICE)
+    x = _input((4, 3, 32, 32))
+    out, fast_out_err, fast_grad_err = _autocast_errors(fast, ref, x, dtype)
+    ref.zero_grad()
+    out_tv, tv_out_err, tv_grad_err = _autocast_errors(tv, ref, x, dtype)
+    assert out.dtype == out_tv.dtype == dtype
+    assert fast_out_err <= 3 * tv_out_err, (fast_out_err, tv_out_err)
+    assert fast_grad_err <= 3 * tv_grad_err, (fast_grad_err, tv_grad_err)
+    for name, p in fast.named_parameters():
+        assert p.grad.dtype == torch.float32, name  # parameters and their grads stay fp32 under autocast
+    for name, b in fast.named_buffers():
+        if b.is_floating_point():
+            assert b.dtype == torch.float32 and torch.isfinite(b).all(), name  # running stats too
+
+
+def test_grad_scaler_steps_without_overflow(backend):
+    torch.manual_seed(0)
+    model = densenet_fast.DenseNet(**CONFIG).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10)
+    x = _input((4, 3, 32, 32), seed=2)
+    target = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    before = model.classifier.weight.detach().clone()
+    for _ in range(3):
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    # The scale only shrinks when a scaled gradient overflowed and its step was skipped.
+    assert scaler.get_scale() == 2.0 ** 10
+    assert torch.isfinite(model.classifier.weight).all() and not torch.equal(before, model.classifier.weight)
+
+
+def test_channels_last_gives_channels_last_and_same_numbers(backend, full_float32):
+    torch.manual_seed(0)
+    model = densenet_fast.DenseNet(**CONFIG).to(DEVICE)
+    _randomize_bn(model)
+    x = _input((2, 3, 33, 31), seed=3)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = x.requires_grad_(True)
+    features = model.features(x)
+    features_cl = model.features(x_cl)
+    assert features_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(features_cl, features, atol=2e-4, rtol=2e-3)
+    g = _input(features.shape, seed=4)
+    params = list(model.features.parameters())
+    grads = torch.autograd.grad(features, [x] + params, g)
+    grads_cl = torch.autograd.grad(features_cl, [x_cl] + params, g)
+    for a, b in zip(grads_cl, grads):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)
+
+
+def test_moves_between_cpu_and_cuda(full_float32):
+    """Each device's default backend (a pinned backend would serve both)."""
+    torch.manual_seed(0)
+    model = densenet_fast.DenseNet(**SMALL)
+    model(torch.randn(2, 3, 8, 8))  # running stats off their initial values
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on_cpu = model(x)
+        on_cuda = model.to(DEVICE)(x.to(DEVICE))
+        assert on_cuda.device.type == "cuda"
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=2e-4, rtol=2e-3)
+        half = copy.deepcopy(model).half()(x.to(DEVICE, torch.float16))
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float().cpu(), on_cpu, atol=0.05, rtol=0.05)
+        back = model.to("cpu")(x)
+    torch.testing.assert_close(back, on_cpu, rtol=0, atol=0)
+    # A state_dict saved from CUDA loads into a CPU model.
+    other = densenet_fast.DenseNet(**SMALL).eval()
+    other.load_state_dict(model.to(DEVICE).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), on_cpu, rtol=0, atol=0)
+
+
+def test_device_mix_is_one_clear_error():
+    model = densenet_fast.DenseNet(**SMALL).to(DEVICE)
+    with pytest.raises(RuntimeError, match="expected input on cuda"):
+        model(torch.randn(2, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="expected input on cpu"):
+        densenet_fast.DenseNet(**SMALL)(torch.randn(2, 3, 8, 8, device=DEVICE))
+
+
+def test_compiled_model_trains_like_eager(backend, full_float32):
+    """Inductor on CUDA, fullgraph: each stage stays one custom op; equal results, no recompiles."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = densenet_fast.DenseNet(**SMALL).to(DEVICE)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    x = _input((2, 3, 8, 8))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            out, out_eager = compiled(x), eager(x)
+            torch.testing.assert_close(out, out_eager, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step}: {m}")
+            out.sum().backward()
+            out_eager.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
