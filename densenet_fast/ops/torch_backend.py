@@ -47,7 +47,10 @@ class _Affine:
         self.scale4 = scale.to(dtype)[:, None, None]
 
     def relu(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.zeros, self.ones, self.scale, self.shift, False, 0.0, 0.0).relu_()
+        # ATen's op: F.batch_norm refuses eps=0 in some torch releases (2.11), and eps=0 with unit
+        # variance is what makes it exactly x * scale + shift.
+        return torch.batch_norm(x, self.scale, self.shift, self.zeros, self.ones, False, 0.0, 0.0,
+                                torch.backends.cudnn.enabled).relu_()
 
 
 def _as_matrices(t: Tensor) -> Tensor:
