@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm
 
-.PHONY: demo test bench
+.PHONY: demo test bench test-torch2.11
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -20,3 +20,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/core_benchmark.py
+
+# The GPU machine's torch (2.11, with Triton 3.6) on CPU: the whole suite in a copy of the tracked
+# files, with its own venv and extension build (an in-place build would replace .venv's). numpy
+# 2.2: Triton 3.6's interpreter fails on numpy 2.4 (int() of a 1-element array).
+COMPAT := .compat/torch-2.11
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 numpy==2.2.6 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm setuptools wheel
+
+test-torch2.11:
+	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
+	git ls-files -z | xargs -0 cp --parents -t $(COMPAT)/src
+	test -x $(COMPAT)/venv/bin/python || $(PY) -m venv $(COMPAT)/venv
+	$(COMPAT)/venv/bin/pip install $(COMPAT_PINS)
+	cd $(COMPAT)/src && ../venv/bin/pip install --no-build-isolation -e . && ../venv/bin/python -m pytest -q
