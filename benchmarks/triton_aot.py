@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -79,9 +81,26 @@ class CompileOnlyTritonBackend(TritonBackend):
 
 compiled: list[tuple[str, str, float]] = []  # (kernel, specialization, seconds)
 failures: list[tuple[str, str, str]] = []
+resources: list[tuple[str, str, int, int, int]] = []  # (kernel, specialization, registers, spill bytes, shared)
 
 
-def install(arch: int) -> None:
+def ptxas_resources(kernel, arch: int) -> tuple[int, int]:
+    """(registers per thread, bytes spilled: stores + loads) of a compiled kernel, from ``ptxas -v``
+    run on its PTX as Triton runs it (Triton keeps the cubin, not ptxas's report)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--regAllocOptLevel=2",
+                                 f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx), "-o",
+                                 str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return registers, int(spills.group(1)) + int(spills.group(2))
+
+
+def install(arch: int, with_resources: bool = False) -> None:
     driver.set_active(TargetOnlyDriver(arch))
     run = JITFunction.run
 
@@ -103,7 +122,12 @@ def install(arch: int) -> None:
             raise
         seconds = time.perf_counter() - start
         compiled.append((self.__name__, label, seconds))
-        print(f"{seconds:6.2f} s  {self.__name__}  {label}", flush=True)
+        usage = ""
+        if with_resources:
+            registers, spilled = ptxas_resources(kernel, arch)
+            resources.append((self.__name__, label, registers, spilled, kernel.metadata.shared))
+            usage = f"  [{registers} registers, {spilled} B spilled, {kernel.metadata.shared} B shared]"
+        print(f"{seconds:6.2f} s  {self.__name__}  {label}{usage}", flush=True)
         return kernel
 
     JITFunction.run = compile_only_run
@@ -163,12 +187,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", default="quick", choices=["quick", "bench", "all"],
                         help="quick: small nets in every mode; bench: gpu_check's benchmark workloads")
     parser.add_argument("--jobs", type=int, default=1, help="processes to share the workloads")
+    parser.add_argument("--resources", action="store_true",
+                        help="also registers, spilled bytes and shared memory per variant (ptxas -v)")
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jobs > 1:
-        return run_shards(["--arch", str(args.arch), "--set", args.set], args.jobs)
+        return run_shards(["--arch", str(args.arch), "--set", args.set] + ["--resources"] * args.resources, args.jobs)
     index, count = map(int, args.shard.split("/"))
-    install(args.arch)
+    install(args.arch, args.resources)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
     start = time.perf_counter()
     for name, build, shape, dtype, amp, channels_last, train in workloads(args.set)[index::count]:
@@ -191,6 +217,11 @@ def main(argv=None) -> int:
     print(f"\n{'kernel':<36} variants  seconds")
     for kernel, (count, seconds) in sorted(per_kernel.items()):
         print(f"{kernel:<36} {count:8d}  {seconds:7.1f}")
+    if resources:
+        spilling = sorted((r for r in resources if r[3]), key=lambda r: -r[3])
+        print(f"\n{len(spilling)} of {len(resources)} variants spill registers" + (":" if spilling else ""))
+        for kernel, label, registers, spilled, shared in spilling:
+            print(f"  {spilled:6d} B  {registers:3d} regs  {shared:6d} B shared  {kernel}  {label}")
     print(f"{len(compiled)} variants compiled for sm_{args.arch} in {sum(s for *_, s in compiled):.1f} s "
           f"(whole run {time.perf_counter() - start:.1f} s)")
     if failures:

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, finalize_stats, launch, new_partials, pixel_block,
-                     pow2_block, ref_bn_relu, ref_stats, strides_nchw, tile_stats)
+from .common import (bn_relu, collapsible, dot_precision, finalize_stats, gemm_warps, launch, new_partials,
+                     pixel_block, pow2_block, ref_bn_relu, ref_stats, strides_nchw, tile_stats)
 
 
 @triton.jit(do_not_specialize=["C_in", "C_out"])
@@ -85,6 +85,7 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
         s_xn, s_xc, s_xw = strides_nchw(x)
         s_xh = 0
     block_p, block_co = pixel_block(ho * wo), pow2_block(c_out, 16, 128)
+    precision = dot_precision(x.dtype)
     grid = (triton.cdiv(ho * wo, block_p), n, triton.cdiv(c_out, block_co))
     rows = grid[0] * n if with_stats else 0
     pmean, pm2 = new_partials(rows, c_out, x.device)
@@ -92,8 +93,8 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
         x, scale, shift, weight, out, pmean, pm2,
         c_in, c_out, ho * wo, wo, s_xn, s_xc, s_xh, s_xw,
         weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), out.stride(3),
-        POOL=pool, WITH_STATS=with_stats, PRECISION=dot_precision(x.dtype),
-        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32, num_warps=8 if block_p * block_co >= 128 * 128 else 4)
+        POOL=pool, WITH_STATS=with_stats, PRECISION=precision,
+        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32, num_warps=gemm_warps(precision, block_p * block_co))
     if not with_stats:
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
         return out, empty, empty.clone()

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, launch, pixel_block, pow2_block, ref_bn_relu,
-                     strides_nchw)
+from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pow2_block,
+                     ref_bn_relu, strides_nchw, weight_grad_pixel_block)
 
 # Programs the weight-gradient GEMM aims for (a few waves on a big GPU); bounded splits keep the
 # float32 partials small.
@@ -155,12 +155,15 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
         grad_out, weight, x, scale, shift, center, target, psum, psum_xc,
         c_in, c_out, hw_out, wo, s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
         POOL=pool, ACCUMULATE=accumulate, PRECISION=precision,
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64), num_warps=4)
+        # 8 warps and 32 output channels per step: the epilogue holds tiles of x and grad_x beside
+        # the accumulator, and at 4 warps or 64 channels the tile spilled (ptxas -v, sm_90).
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32), num_warps=8)
     if target is not grad_x:
         grad_x.copy_(target)
 
     if need_weight_grad:
         block_co = pow2_block(c_out, 16, 64)
+        block_p = weight_grad_pixel_block(precision, block_p)
         n_hw_tiles = triton.cdiv(hw_out, block_p)
         total_tiles = n * n_hw_tiles
         tiles = triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci)
@@ -171,7 +174,8 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
         launch(_conv1x1_bwd_weight_kernel)[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci), splits)](
             grad_out, x, scale, shift, pgw, c_in, c_out, hw_out, wo, n_hw_tiles, per_split, total_tiles,
             s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, num_warps=4)
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
+            num_warps=gemm_warps(precision, block_co * block_ci))
         grad_weight = pgw.sum(0).to(weight.dtype).view(weight.shape)
     else:
         grad_weight = torch.empty(0, dtype=weight.dtype, device=x.device)

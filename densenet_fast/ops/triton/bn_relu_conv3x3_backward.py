@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, launch, pixel_block, pow2_block, ref_bn_relu,
-                     strides_nchw)
+from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pow2_block,
+                     ref_bn_relu, strides_nchw, weight_grad_pixel_block)
 
 _WEIGHT_GRAD_PROGRAMS = 512  # as in the conv1x1 backward: a few waves, bounded partials
 _MAX_SPLITS = 32
@@ -139,6 +139,7 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
 
     if need_weight_grad:
         block_co = pow2_block(c_out, 16, 64)
+        block_p = weight_grad_pixel_block(precision, block_p)
         n_hw_tiles = triton.cdiv(hw, block_p)
         total_tiles = n * n_hw_tiles
         n_ci_blocks = triton.cdiv(c_in, block_ci)
@@ -150,7 +151,8 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
         launch(_conv3x3_bwd_weight_kernel)[(triton.cdiv(c_out, block_co) * n_ci_blocks, 9, splits)](
             grad_out, z, scale, shift, pgw, c_in, c_out, h, w, n_hw_tiles, per_split, total_tiles, n_ci_blocks,
             *strides_nchw(grad_out), *strides_nchw(z), PRECISION=precision,
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, num_warps=4)
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
+            num_warps=gemm_warps(precision, block_co * block_ci))
         grad_weight = pgw.sum(0).to(weight.dtype)
     else:
         grad_weight = torch.empty(0, dtype=weight.dtype, device=z.device)

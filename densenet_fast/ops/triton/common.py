@@ -45,6 +45,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for float16/bfloat16 operands
 
 
+def gemm_warps(precision: str, acc_elements: int) -> int:
+    """Warps of a GEMM kernel whose accumulator tile has ``acc_elements``. float32 without TF32
+    ("ieee") has no tensor-core path: its dot runs on FMAs with each thread's share of the
+    operands in registers, and at 4 warps a 64x64 tile spills (``ptxas -v``, see
+    benchmarks/triton_aot.py --resources), so it gets 8 warps, as do tiles of 128x128 and up."""
+    return 8 if precision == "ieee" or acc_elements >= 128 * 128 else 4
+
+
+def weight_grad_pixel_block(precision: str, block_p: int) -> int:
+    """Pixels per step of a weight-gradient GEMM, whose reduction runs over pixels. An FMA dot
+    ("ieee") keeps each thread's slice of both operands over the whole step in registers: 16
+    pixels keep its 64x64 tile from spilling (64 spilled 10-30 KB per thread on sm_90)."""
+    return 16 if precision == "ieee" else block_p
+
+
 def pow2_block(n: int, lo: int, hi: int) -> int:
     """The power of two covering ``n``, clamped to [lo, hi] (tl.dot needs dimensions >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
