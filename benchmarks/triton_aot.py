@@ -16,6 +16,7 @@ CPU time, so the summary also says what the first GPU run pays for compilation.
     python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
     python benchmarks/triton_aot.py --arch 80             # sm_80 (A100)
     python benchmarks/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
+    python benchmarks/triton_aot.py --set bench --resources  # + registers and spills per variant (ptxas -v)
 
 Compiled kernels land in Triton's on-disk cache (~/.triton/cache, or TRITON_CACHE_DIR), keyed by
 source, target and specialization, not by how they were compiled. So ``benchmarks/gpu_check`` runs
