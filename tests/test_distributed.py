@@ -1,14 +1,17 @@
-"""Multi-process training on torch.distributed (2 processes, gloo, CPU).
+"""Multi-process training on torch.distributed (2 processes, gloo).
 
-torch.nn.SyncBatchNorm refuses CPU tensors, so synchronized BN is checked against what it is
-defined to compute: BN over the batch of all processes together, i.e. the naive reference run on
-the concatenated batch (outputs, running stats, and the sum of the processes' gradients).
+torch.nn.SyncBatchNorm refuses CPU tensors, so on CPU synchronized BN is checked against what it
+is defined to compute: BN over the batch of all processes together, i.e. the naive reference run
+on the concatenated batch (outputs, running stats, and the sum of the processes' gradients). With
+CUDA, both processes share the GPU and it is also checked against torch.nn.SyncBatchNorm itself
+on a torchvision model (that case runs in benchmarks/gpu_check).
 """
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torchvision
 
 import densenet_fast
 from helpers import reference_twin
@@ -78,6 +81,38 @@ def _check_sync_batchnorm(rank):
     xr = x.clone().requires_grad_(True)
     ref(xr).sum().backward()
     torch.testing.assert_close(xs.grad, torch.split(xr.grad, SHARDS)[rank])
+
+
+def _check_against_torch_sync_batchnorm(rank):
+    """Ours after convert_sync_batchnorm against torchvision after torch's convert_sync_batchnorm,
+    both on CUDA in full float32: outputs, input grads, parameter grads, running stats."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model, _ = _models()
+    tv = torchvision.models.DenseNet(**CONFIG)
+    tv.load_state_dict(model.state_dict())
+    model = densenet_fast.convert_sync_batchnorm(model.float().cuda())
+    tv = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tv.cuda())
+    _, shards = _data()
+    x = shards[rank].float().cuda()
+    for step in range(2):
+        xs, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, out_tv = model(xs), tv(xt)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step)).cuda()
+        out.backward(g)
+        out_tv.backward(g)
+        torch.testing.assert_close(out, out_tv, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step} output: {m}")
+        torch.testing.assert_close(xs.grad, xt.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step} input grad: {m}")
+        for (name, p), q in zip(model.named_parameters(), tv.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step} {name}: {m}")
+        model.zero_grad()
+        tv.zero_grad()
+    for (name, b), c in zip(model.named_buffers(), tv.buffers()):
+        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm needs CUDA (runs in gpu_check)")
+def test_sync_batchnorm_matches_torch_sync_batchnorm_on_cuda(tmp_path):
+    mp.spawn(_run, args=(2, str(tmp_path / "init"), _check_against_torch_sync_batchnorm), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm], ids=["ddp", "sync_batchnorm"])
