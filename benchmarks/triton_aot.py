@@ -151,7 +151,7 @@ def step(model: torch.nn.Module, x: torch.Tensor, train: bool, autocast: torch.d
     out.float().sum().backward()
 
 
-def workloads(which: str):
+def workloads(which: str, batch: int = 64):
     """(name, build model, input shape, dtype of model and input, autocast dtype, channels_last, train)."""
     cases = []
     if which in ("quick", "all"):
@@ -170,9 +170,9 @@ def workloads(which: str):
     if which in ("bench", "all"):  # as benchmarks/gpu_check.py runs them
         bc100 = lambda: densenet_fast.densenet_bc(depth=100, growth_rate=12)  # noqa: E731
         for amp, label in ((None, "fp32"), (torch.bfloat16, "bf16 autocast")):
-            cases.append((f"densenet121 b64 224² {label}", densenet_fast.densenet121, (64, 3, 224, 224),
+            cases.append((f"densenet121 b{batch} 224² {label}", densenet_fast.densenet121, (batch, 3, 224, 224),
                           torch.float32, amp, False, True))
-            cases.append((f"bc100 b64 32² {label}", bc100, (64, 3, 32, 32), torch.float32, amp, False, True))
+            cases.append((f"bc100 b{batch} 32² {label}", bc100, (batch, 3, 32, 32), torch.float32, amp, False, True))
     return cases
 
 
@@ -190,15 +190,23 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="processes to share the workloads")
     parser.add_argument("--resources", action="store_true",
                         help="also registers, spilled bytes and shared memory per variant (ptxas -v)")
+    parser.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
+                        help="with --resources: fail if a variant spills more than BYTES per thread")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the bench workloads (gpu_check's: 64)")
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_spill is not None and not args.resources:
+        parser.error("--max-spill needs --resources")
     if args.jobs > 1:
-        return run_shards(["--arch", str(args.arch), "--set", args.set] + ["--resources"] * args.resources, args.jobs)
+        options = ["--arch", str(args.arch), "--set", args.set, "--batch", str(args.batch)]
+        options += ["--resources"] * args.resources
+        options += ["--max-spill", str(args.max_spill)] if args.max_spill is not None else []
+        return run_shards(options, args.jobs)
     index, count = map(int, args.shard.split("/"))
     install(args.arch, args.resources)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
     start = time.perf_counter()
-    for name, build, shape, dtype, amp, channels_last, train in workloads(args.set)[index::count]:
+    for name, build, shape, dtype, amp, channels_last, train in workloads(args.set, args.batch)[index::count]:
         print(f"-- {name}{' channels_last' if channels_last else ''}{' train' if train else ' eval'}", flush=True)
         torch.manual_seed(0)
         model = build().to(dtype)
@@ -229,6 +237,9 @@ def main(argv=None) -> int:
         print(f"{len(failures)} variant(s) FAILED to compile:")
         for kernel, label, err in failures:
             print(f"  {kernel}  {label}\n    {err[:500]}")
+        return 1
+    if args.max_spill is not None and any(r[3] > args.max_spill for r in resources):
+        print(f"FAILED: variants spill more than {args.max_spill} B per thread (listed above)")
         return 1
     return 0
 
