@@ -69,3 +69,28 @@ def compare_with_reference(model: nn.Module, ref: nn.Module, x: torch.Tensor, st
     ref.eval()
     with torch.no_grad():
         assert_close(model(x), ref(x), dtype, "eval output")
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Random BN affine parameters and running stats (seeded by the caller), so no BN is the identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def autocast_errors(model: nn.Module, ref: nn.Module, x: torch.Tensor, autocast_dtype=None):
+    """(output, max abs error of the output, max abs error of the parameter grads) of ``model`` under
+    autocast on ``x``'s device against ``ref``, a float64 twin run on ``x`` in float64."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(x)
+    out.float().sum().backward()
+    out_ref = ref(x.double())
+    out_ref.sum().backward()
+    out_err = (out.double() - out_ref).abs().max().item()
+    grad_err = max((p.grad.double() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    return out, out_err, grad_err

@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 import densenet_fast
-from helpers import compare_with_reference, reference_twin
+from helpers import autocast_errors, compare_with_reference, randomize_bn, reference_twin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check)")
 DEVICE = "cuda"
@@ -46,17 +46,6 @@ def full_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _randomize_bn(model: nn.Module) -> None:
-    """Random BN affine parameters and running stats, so no BN is the identity."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 def _input(shape, seed=1, dtype=torch.float32):
     return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
@@ -67,7 +56,7 @@ def test_train_steps_match_reference(backend, full_float32, channels_last, drop_
     torch.manual_seed(0)
     config = dict(CONFIG, drop_rate=drop_rate)
     model = densenet_fast.DenseNet(**config)
-    _randomize_bn(model)
+    randomize_bn(model)
     ref = reference_twin(model, **config)
     model, ref = model.to(DEVICE), ref.to(DEVICE)
     x = _input((3, 3, 37, 29))
@@ -75,18 +64,6 @@ def test_train_steps_match_reference(backend, full_float32, channels_last, drop_
         model, ref = model.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     compare_with_reference(model, ref, x)
-
-
-def _autocast_errors(model, ref, x, dtype):
-    """Max abs errors of the output and of the parameter grads against the float64 reference."""
-    with torch.autocast(DEVICE, dtype=dtype):
-        out = model(x)
-    out.float().sum().backward()
-    out_ref = ref(x.double())
-    out_ref.sum().backward()
-    out_err = (out.double() - out_ref).abs().max().item()
-    grad_err = max((p.grad.double() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    return out, out_err, grad_err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -99,9 +76,9 @@ def test_autocast_error_is_a_small_multiple_of_torchvisions(backend, dtype):
     ref.load_state_dict(fast.state_dict())
     fast, tv, ref = fast.to(DEVICE), tv.to(DEVICE), ref.to(DEVICE)
     x = _input((4, 3, 32, 32))
-    out, fast_out_err, fast_grad_err = _autocast_errors(fast, ref, x, dtype)
+    out, fast_out_err, fast_grad_err = autocast_errors(fast, ref, x, dtype)
     ref.zero_grad()
-    out_tv, tv_out_err, tv_grad_err = _autocast_errors(tv, ref, x, dtype)
+    out_tv, tv_out_err, tv_grad_err = autocast_errors(tv, ref, x, dtype)
     assert out.dtype == out_tv.dtype == dtype
     assert fast_out_err <= 3 * tv_out_err, (fast_out_err, tv_out_err)
     assert fast_grad_err <= 3 * tv_grad_err, (fast_grad_err, tv_grad_err)
@@ -135,7 +112,7 @@ def test_grad_scaler_steps_without_overflow(backend):
 def test_channels_last_gives_channels_last_and_same_numbers(backend, full_float32):
     torch.manual_seed(0)
     model = densenet_fast.DenseNet(**CONFIG).to(DEVICE)
-    _randomize_bn(model)
+    randomize_bn(model)
     x = _input((2, 3, 33, 31), seed=3)
     x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     x = x.requires_grad_(True)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import densenet_fast
-from helpers import compare_with_reference, reference_twin
+from helpers import compare_with_reference, randomize_bn, reference_twin
 
 
 @pytest.fixture(autouse=True, params=["torch", "cpp"])
@@ -20,15 +20,7 @@ def backend(request):
 
 def _build(seed=0, dtype=torch.float64, **config):
     torch.manual_seed(seed)
-    model = densenet_fast.DenseNet(**config).to(dtype)
-    # Random BN affine parameters and running stats, so no BN is the identity.
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    model = randomize_bn(densenet_fast.DenseNet(**config).to(dtype))
     return model, reference_twin(model, **config)
 
 

@@ -5,6 +5,7 @@ import torchvision
 
 import densenet_fast
 from densenet_fast.models import _DenseBlock, _Transition
+from helpers import autocast_errors
 
 CONFIG = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=5)
 
@@ -19,25 +20,13 @@ def _pair(dtype=torch.float32, seed=0):
     return fast, tv, ref
 
 
-def _errors(model, ref, x, autocast_dtype=None):
-    """Max abs error of outputs and of parameter grads against the float64 reference."""
-    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(x)
-    out.float().sum().backward()
-    out_ref = ref(x.double())
-    out_ref.sum().backward()
-    out_err = (out.double() - out_ref).abs().max().item()
-    grad_err = max((p.grad.double() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    return out, out_err, grad_err
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_error_is_a_small_multiple_of_torchvisions(dtype):
     fast, tv, ref = _pair()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    out, fast_out_err, fast_grad_err = _errors(fast, ref, x, dtype)
+    out, fast_out_err, fast_grad_err = autocast_errors(fast, ref, x, dtype)
     ref.zero_grad()
-    out_tv, tv_out_err, tv_grad_err = _errors(tv, ref, x, dtype)
+    out_tv, tv_out_err, tv_grad_err = autocast_errors(tv, ref, x, dtype)
     assert out.dtype == out_tv.dtype == dtype
     assert fast_out_err <= 3 * tv_out_err
     assert fast_grad_err <= 3 * tv_grad_err
