@@ -10,7 +10,8 @@ integer and alignment specializations) the model produces, and nothing is execut
 the steps compute are meaningless and unused.
 
 It prints one line per compiled variant and a summary (variants and seconds per kernel), and exits
-with 1, naming the kernel and its signature, if any variant fails to compile. Compile time here is
+with 1, naming the kernel and its signature, if any variant fails to compile (or, with
+``--max-spill``, spills more registers than allowed). Compile time here is
 CPU time, so the summary also says what the first GPU run pays for compilation.
 
     python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
@@ -48,6 +49,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import densenet_fast  # noqa: E402
 from densenet_fast.ops import register_backend  # noqa: E402
+from densenet_fast.ops.triton import SUPPORTED_DTYPES  # noqa: E402
 from densenet_fast.ops.triton_backend import TritonBackend  # noqa: E402
 
 
@@ -76,8 +78,8 @@ class CompileOnlyTritonBackend(TritonBackend):
         pass
 
     def check_tensors(self, x) -> None:
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"unexpected dtype {x.dtype}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}")
 
 
 compiled: list[tuple[str, str, float]] = []  # (kernel, specialization, seconds)
@@ -102,6 +104,8 @@ def ptxas_resources(kernel, arch: int) -> tuple[int, int]:
 
 
 def install(arch: int, with_resources: bool = False) -> None:
+    """From now on in this process, Triton launches compile for ``sm_<arch>`` and record each
+    variant (and its ptxas resources), and backend "triton" serves CPU tensors."""
     driver.set_active(TargetOnlyDriver(arch))
     run = JITFunction.run
 
