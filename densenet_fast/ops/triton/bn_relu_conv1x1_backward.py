@@ -175,7 +175,8 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
             grad_out, x, scale, shift, pgw, c_in, c_out, hw_out, wo, n_hw_tiles, per_split, total_tiles,
             s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
-            num_warps=gemm_warps(precision, block_co * block_ci))
+            # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
+            num_warps=8 if pool else gemm_warps(precision, block_co * block_ci))
         grad_weight = pgw.sum(0).to(weight.dtype).view(weight.shape)
     else:
         grad_weight = torch.empty(0, dtype=weight.dtype, device=x.device)
