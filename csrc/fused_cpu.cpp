@@ -24,6 +24,15 @@ constexpr int64_t kMinTilePixels = 256;
 // Normalized activations per chunk of images for the 3x3 conv, which ATen runs whole.
 constexpr int64_t kChunkElements = 1 << 21;
 
+// acc += a @ b, the first product allocating acc (a slot's weight gradient over its tiles).
+void add_matmul(Tensor& acc, const Tensor& a, const Tensor& b) {
+  if (!acc.defined()) {
+    acc = at::mm(a, b);
+  } else {
+    acc.addmm_(a, b);
+  }
+}
+
 // (C, P) matrix of image n of a 4-D activation: the operand/result the GEMMs see.
 Tensor image_matrix(const Tensor& t, const ActivationLayout& l, int64_t n) {
   return t.as_strided({l.channels, l.pixels}, {l.channel_stride, l.pixel_stride}, t.storage_offset() + n * l.batch_stride);
@@ -328,11 +337,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
         Tensor go = image_matrix(grad_out, lo, n).narrow(1, p0, length);
         if (need_weight_grad) {
           fill_tile<scalar_t>(*act, x, lx, n, p0, length, scale, shift);
-          if (!weight_grads[s].defined()) {
-            weight_grads[s] = at::mm(go, act->matrix(length).t());
-          } else {
-            weight_grads[s].addmm_(go, act->matrix(length).t());
-          }
+          add_matmul(weight_grads[s], go, act->matrix(length).t());
         }
         Tensor dy_tile = dy.matrix(length);
         at::mm_out(dy_tile, w2d_t, go);
@@ -458,11 +463,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
         Tensor go = image_matrix(grad_out, lo, n).narrow(1, r0 * out_width, length);
         if (need_weight_grad) {
           fill_pooled_tile<scalar_t>(*act, x, lx, n, r0, r1, scale, shift);
-          if (!weight_grads[s].defined()) {
-            weight_grads[s] = at::mm(go, act->matrix(length).t());
-          } else {
-            weight_grads[s].addmm_(go, act->matrix(length).t());
-          }
+          add_matmul(weight_grads[s], go, act->matrix(length).t());
         }
         Tensor dpool_tile = dpool.matrix(length);
         at::mm_out(dpool_tile, w_quarter_t, go);

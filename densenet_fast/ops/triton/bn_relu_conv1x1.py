@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, finalize_stats, gemm_warps, launch, new_partials,
-                     pixel_block, pow2_block, ref_bn_relu, ref_stats, strides_nchw, tile_stats)
+from .common import (collapsible, dot_precision, finalize_stats, gemm_warps, launch, new_partials, pixel_block,
+                     pooled_bn_relu, pow2_block, ref_bn_relu, ref_stats, strides_nchw, tile_stats)
 
 
 @triton.jit(do_not_specialize=["C_in", "C_out"])
@@ -50,13 +50,7 @@ def _conv1x1_fwd_kernel(
         scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
         shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
         valid = p_ok[:, None] & k_ok[None, :]
-        ptrs = x_base + pix[:, None] + offs_k[None, :] * s_xc
-        y = bn_relu(tl.load(ptrs, mask=valid, other=0.0), scale, shift, valid)
-        if POOL:
-            y += bn_relu(tl.load(ptrs + s_xw, mask=valid, other=0.0), scale, shift, valid)
-            y += bn_relu(tl.load(ptrs + s_xh, mask=valid, other=0.0), scale, shift, valid)
-            y += bn_relu(tl.load(ptrs + s_xh + s_xw, mask=valid, other=0.0), scale, shift, valid)
-            y = y * 0.25
+        y = pooled_bn_relu(x_base + pix[:, None] + offs_k[None, :] * s_xc, s_xh, s_xw, scale, shift, valid, POOL)
         wt = tl.load(w_ptr + offs_k[:, None] * s_wi + offs_co[None, :] * s_wo,
                      mask=k_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(y.to(dot_dtype), wt, acc, input_precision=PRECISION)

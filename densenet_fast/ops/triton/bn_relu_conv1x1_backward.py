@@ -20,12 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pow2_block,
-                     ref_bn_relu, strides_nchw, weight_grad_pixel_block)
+from .common import (collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pooled_bn_relu,
+                     pow2_block, ref_bn_relu, split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
 
-# Programs the weight-gradient GEMM aims for (a few waves on a big GPU); bounded splits keep the
-# float32 partials small.
-_WEIGHT_GRAD_PROGRAMS = 512
+# Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles).
 _MAX_SPLITS = 64
 
 
@@ -111,13 +109,8 @@ def _conv1x1_bwd_weight_kernel(
             pix = (2 * (offs_p // W_out)) * s_xh + (2 * (offs_p % W_out)) * s_xw
         else:
             pix = offs_p * s_xw
-        ptrs = x_ptr + n * s_xn + pix[:, None] + offs_ci[None, :] * s_xc
-        y = bn_relu(tl.load(ptrs, mask=valid, other=0.0), scale, shift, valid)
-        if POOL:
-            y += bn_relu(tl.load(ptrs + s_xw, mask=valid, other=0.0), scale, shift, valid)
-            y += bn_relu(tl.load(ptrs + s_xh, mask=valid, other=0.0), scale, shift, valid)
-            y += bn_relu(tl.load(ptrs + s_xh + s_xw, mask=valid, other=0.0), scale, shift, valid)
-            y = y * 0.25
+        y = pooled_bn_relu(x_ptr + n * s_xn + pix[:, None] + offs_ci[None, :] * s_xc, s_xh, s_xw, scale, shift,
+                           valid, POOL)
         acc = tl.dot(gt.to(dot_dtype), y.to(dot_dtype), acc, input_precision=PRECISION)
     tl.store(pgw_ptr + split * C_out * C_in + offs_co[:, None] * C_in + offs_ci[None, :], acc,
              mask=co_ok[:, None] & ci_ok[None, :])
@@ -166,10 +159,8 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
         block_p = weight_grad_pixel_block(precision, block_p)
         n_hw_tiles = triton.cdiv(hw_out, block_p)
         total_tiles = n * n_hw_tiles
-        tiles = triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci)
-        splits = max(1, min(_MAX_SPLITS, total_tiles, _WEIGHT_GRAD_PROGRAMS // tiles))
-        per_split = triton.cdiv(total_tiles, splits)
-        splits = triton.cdiv(total_tiles, per_split)
+        splits, per_split = split_pixel_tiles(
+            total_tiles, triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci), _MAX_SPLITS)
         pgw = torch.empty((splits, c_out, c_in), dtype=torch.float32, device=x.device)
         launch(_conv1x1_bwd_weight_kernel)[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci), splits)](
             grad_out, x, scale, shift, pgw, c_in, c_out, hw_out, wo, n_hw_tiles, per_split, total_tiles,

@@ -21,9 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pow2_block,
-                     ref_bn_relu, strides_nchw, weight_grad_pixel_block)
+                     ref_bn_relu, split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
 
-_WEIGHT_GRAD_PROGRAMS = 512  # as in the conv1x1 backward: a few waves, bounded partials
+# Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles); each is 9x
+# larger than a conv1x1's.
 _MAX_SPLITS = 32
 
 
@@ -143,10 +144,8 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
         n_hw_tiles = triton.cdiv(hw, block_p)
         total_tiles = n * n_hw_tiles
         n_ci_blocks = triton.cdiv(c_in, block_ci)
-        tiles = triton.cdiv(c_out, block_co) * n_ci_blocks * 9
-        splits = max(1, min(_MAX_SPLITS, total_tiles, _WEIGHT_GRAD_PROGRAMS // tiles))
-        per_split = triton.cdiv(total_tiles, splits)
-        splits = triton.cdiv(total_tiles, per_split)
+        splits, per_split = split_pixel_tiles(total_tiles, triton.cdiv(c_out, block_co) * n_ci_blocks * 9,
+                                              _MAX_SPLITS)
         pgw = torch.empty((splits, c_out, c_in, 3, 3), dtype=torch.float32, device=z.device)
         launch(_conv3x3_bwd_weight_kernel)[(triton.cdiv(c_out, block_co) * n_ci_blocks, 9, splits)](
             grad_out, z, scale, shift, pgw, c_in, c_out, h, w, n_hw_tiles, per_split, total_tiles, n_ci_blocks,

@@ -60,6 +60,20 @@ def weight_grad_pixel_block(precision: str, block_p: int) -> int:
     return 16 if precision == "ieee" else block_p
 
 
+# Programs a weight-gradient GEMM aims for (a few waves on a big GPU): its reduction over pixel
+# tiles is split over programs that each write float32 partials, summed afterwards.
+_WEIGHT_GRAD_PROGRAMS = 512
+
+
+def split_pixel_tiles(total_tiles: int, output_tiles: int, max_splits: int) -> tuple[int, int]:
+    """(splits, pixel tiles per split) of a weight-gradient GEMM with ``output_tiles`` output tiles
+    reducing over ``total_tiles`` pixel tiles: about _WEIGHT_GRAD_PROGRAMS programs, at most
+    ``max_splits`` partials (they cost memory), and no split left empty."""
+    splits = max(1, min(max_splits, total_tiles, _WEIGHT_GRAD_PROGRAMS // output_tiles))
+    per_split = triton.cdiv(total_tiles, splits)
+    return triton.cdiv(total_tiles, per_split), per_split
+
+
 def pow2_block(n: int, lo: int, hi: int) -> int:
     """The power of two covering ``n``, clamped to [lo, hi] (tl.dot needs dimensions >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
@@ -117,6 +131,19 @@ def bn_relu(x, scale, shift, valid):
     """relu(x * scale + shift) in float32, zero where ``valid`` is false (padding, tile overhang)."""
     y = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
     return tl.where(valid, y, 0.0)
+
+
+@triton.jit
+def pooled_bn_relu(ptrs, s_xh, s_xw, scale, shift, valid, POOL: tl.constexpr):
+    """bn_relu of the input tile at ``ptrs``; with ``POOL``, the mean of bn_relu over the 2x2
+    window whose top-left inputs ``ptrs`` address (the transition: BN-ReLU, then the average pool)."""
+    y = bn_relu(tl.load(ptrs, mask=valid, other=0.0), scale, shift, valid)
+    if POOL:
+        y += bn_relu(tl.load(ptrs + s_xw, mask=valid, other=0.0), scale, shift, valid)
+        y += bn_relu(tl.load(ptrs + s_xh, mask=valid, other=0.0), scale, shift, valid)
+        y += bn_relu(tl.load(ptrs + s_xh + s_xw, mask=valid, other=0.0), scale, shift, valid)
+        y = y * 0.25
+    return y
 
 
 @triton.jit
