@@ -176,6 +176,16 @@ def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.con
 
 
 @triton.jit
+def _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Partials rows t0 .. t0 + BLOCK_T: (their offsets, mask, pixel count of each tile, tile means)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    rows = offs_t[:, None] * C + offs_c[None, :]
+    ok = (offs_t < T)[:, None] & c_ok[None, :]
+    count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
+    return rows, ok, count, tl.load(pmean_ptr + rows, mask=ok, other=0.0)
+
+
+@triton.jit
 def _stats_finalize_kernel(
     pmean_ptr, pm2_ptr, mean_ptr, var_ptr,
     C, T, HW, n_hw_tiles, total,
@@ -188,21 +198,13 @@ def _stats_finalize_kernel(
     m0 = tl.load(pmean_ptr + offs_c, mask=c_ok, other=0.0)
     acc = tl.full([BLOCK_C], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < T
-        ok = t_ok[:, None] & c_ok[None, :]
-        count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
-        m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        rows, ok, count, m = _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P, BLOCK_T)
         acc += column_sum(tl.where(ok, count[:, None] * (m - m0[None, :]), 0.0))
     mean = m0 + acc / total
     m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < T
-        ok = t_ok[:, None] & c_ok[None, :]
-        count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
-        m = tl.load(pmean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
-        q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        rows, ok, count, m = _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P, BLOCK_T)
+        q = tl.load(pm2_ptr + rows, mask=ok, other=0.0)
         d = m - mean[None, :]
         m2 += column_sum(tl.where(ok, q + count[:, None] * d * d, 0.0))
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
