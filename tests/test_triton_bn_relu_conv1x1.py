@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_relu_conv1x1, bn_relu_conv1x1_ref
-from triton_cases import DEVICE, DTYPES
+from triton_cases import DEVICE, DTYPES, bn_affine
 
 # (N, buffer channels, input channels, output channels, H, W): batch 1, odd sizes, several tiles of
 # pixels (9 x 11 > 64), of input channels (70 > 32) and of output channels (150 > 128).
@@ -15,11 +15,6 @@ def _buffer(n, c, h, w, dtype, channels_last):
     return buf.contiguous(memory_format=torch.channels_last) if channels_last else buf
 
 
-def _affine(c):
-    sign = torch.where(torch.rand(c) < 0.2, -1.0, 1.0)
-    return (sign * torch.empty(c).uniform_(0.5, 1.5)).to(DEVICE), (0.5 * torch.randn(c)).to(DEVICE)
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -27,7 +22,7 @@ def test_matches_ref(shape, channels_last, dtype, atol, rtol):
     torch.manual_seed(0)
     n, c_buf, c_in, c_out, h, w = shape
     x = _buffer(n, c_buf, h, w, dtype, channels_last)[:, :c_in]
-    scale, shift = _affine(c_in)
+    scale, shift = bn_affine(c_in)
     weight = (torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5).to(dtype)
     z, mean, var = bn_relu_conv1x1(x, scale, shift, weight, True)
     z_ref, mean_ref, var_ref = bn_relu_conv1x1_ref(x, scale, shift, weight, True)
@@ -41,7 +36,7 @@ def test_without_stats_and_offset_slice():
     torch.manual_seed(1)
     buf = _buffer(2, 24, 5, 5, torch.float32, False)
     x = buf[:, 3:20]  # a slice starting at an odd channel, not just a prefix
-    scale, shift = _affine(17)
+    scale, shift = bn_affine(17)
     weight = torch.randn(9, 17, 1, 1, device=DEVICE) / 17 ** 0.5
     z, mean, var = bn_relu_conv1x1(x, scale, shift, weight, False)
     assert mean.numel() == 0 and var.numel() == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_relu_conv1x1_backward, bn_relu_conv1x1_backward_ref
-from triton_cases import DEVICE, DTYPES, layout as _layout
+from triton_cases import DEVICE, DTYPES, bn_affine, layout as _layout
 
 # (N, buffer channels, input channels, output channels, H, W)
 SHAPES = [(1, 13, 13, 11, 5, 7), (2, 29, 19, 20, 3, 3), (2, 80, 70, 90, 9, 11)]
@@ -13,9 +13,7 @@ SHAPES = [(1, 13, 13, 11, 5, 7), (2, 29, 19, 20, 3, 3), (2, 80, 70, 90, 9, 11)]
 def _inputs(shape, dtype, channels_last):
     n, c_buf, c_in, c_out, h, w = shape
     x = _layout(torch.randn(n, c_buf, h, w, device=DEVICE).to(dtype), channels_last)[:, :c_in]
-    sign = torch.where(torch.rand(c_in) < 0.2, -1.0, 1.0)
-    scale = (sign * torch.empty(c_in).uniform_(0.5, 1.5)).to(DEVICE)
-    shift = (0.5 * torch.randn(c_in)).to(DEVICE)
+    scale, shift = bn_affine(c_in)
     center = (0.1 * torch.randn(c_in)).to(DEVICE)
     weight = (torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5).to(dtype)
     grad_out = (torch.randn(n, c_out, h, w, device=DEVICE) / (n * h * w) ** 0.5).to(dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_relu_conv3x3, bn_relu_conv3x3_ref
-from triton_cases import DEVICE, DTYPES, layout as _layout
+from triton_cases import DEVICE, DTYPES, bn_affine, layout as _layout
 
 # (N, bottleneck channels, new channels k, H, W): batch 1, 1-pixel-wide maps, odd sizes, two pixel
 # tiles (9 x 11 > 64), two input-channel blocks (40 > 32), k not a multiple of 8.
@@ -19,9 +19,7 @@ def test_writes_slice_and_stats(shape, channels_last, with_noise, dtype, atol, r
     torch.manual_seed(0)
     n, c_in, k, h, w = shape
     z = _layout(torch.randn(n, c_in, h, w, device=DEVICE).to(dtype), channels_last)
-    sign = torch.where(torch.rand(c_in) < 0.2, -1.0, 1.0)
-    scale = (sign * torch.empty(c_in).uniform_(0.5, 1.5)).to(DEVICE)
-    shift = (0.5 * torch.randn(c_in)).to(DEVICE)
+    scale, shift = bn_affine(c_in)
     weight = (torch.randn(k, c_in, 3, 3, device=DEVICE) / (9 * c_in) ** 0.5).to(dtype)
     noise = None
     if with_noise:

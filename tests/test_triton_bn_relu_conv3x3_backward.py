@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_relu_conv3x3_backward, bn_relu_conv3x3_backward_ref
-from triton_cases import DEVICE, DTYPES, layout as _layout
+from triton_cases import DEVICE, DTYPES, bn_affine, layout as _layout
 
 # (N, bottleneck channels, k, H, W)
 SHAPES = [(1, 12, 5, 5, 7), (2, 19, 4, 1, 6), (2, 70, 13, 9, 11)]
@@ -14,9 +14,7 @@ SHAPES = [(1, 12, 5, 5, 7), (2, 19, 4, 1, 6), (2, 70, 13, 9, 11)]
 def _inputs(shape, dtype, channels_last):
     n, c_in, k, h, w = shape
     z = _layout(torch.randn(n, c_in, h, w, device=DEVICE).to(dtype), channels_last)
-    sign = torch.where(torch.rand(c_in) < 0.2, -1.0, 1.0)
-    scale = (sign * torch.empty(c_in).uniform_(0.5, 1.5)).to(DEVICE)
-    shift = (0.5 * torch.randn(c_in)).to(DEVICE)
+    scale, shift = bn_affine(c_in)
     center = (0.1 * torch.randn(c_in)).to(DEVICE)
     weight = (torch.randn(k, c_in, 3, 3, device=DEVICE) / (9 * c_in) ** 0.5).to(dtype)
     grad_buf = _layout(torch.randn(n, k + 9, h, w, device=DEVICE).to(dtype) / (n * h * w) ** 0.5, channels_last)

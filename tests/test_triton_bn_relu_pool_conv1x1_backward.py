@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_relu_pool_conv1x1_backward, bn_relu_pool_conv1x1_backward_ref
-from triton_cases import DEVICE, DTYPES
+from triton_cases import DEVICE, DTYPES, bn_affine
 
 # (N, buffer channels, input channels, output channels, H, W)
 SHAPES = [(1, 13, 13, 6, 5, 7), (2, 29, 19, 9, 2, 3), (2, 70, 70, 35, 17, 18)]
@@ -24,9 +24,7 @@ def test_matches_ref(shape, channels_last, accumulate, dtype, atol, rtol):
         buf = buf.contiguous(memory_format=torch.channels_last)
         grad_buf = grad_buf.contiguous(memory_format=torch.channels_last)
     x = buf[:, :c_in]
-    sign = torch.where(torch.rand(c_in) < 0.2, -1.0, 1.0)
-    scale = (sign * torch.empty(c_in).uniform_(0.5, 1.5)).to(DEVICE)
-    shift = (0.5 * torch.randn(c_in)).to(DEVICE)
+    scale, shift = bn_affine(c_in)
     center = (0.1 * torch.randn(c_in)).to(DEVICE)
     weight = (torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5).to(dtype)
     grad_out = (torch.randn(n, c_out, h // 2, w // 2, device=DEVICE) / (n * h * w) ** 0.5).to(dtype)

@@ -13,3 +13,10 @@ DTYPES = [
 
 def layout(t, channels_last):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def bn_affine(c):
+    """A layer's BN-ReLU as (scale, shift) on DEVICE: about a fifth of the scales negative (as a
+    BN weight can be), the rest in [0.5, 1.5], and shifts that make the ReLU cut some values."""
+    sign = torch.where(torch.rand(c) < 0.2, -1.0, 1.0)
+    return (sign * torch.empty(c).uniform_(0.5, 1.5)).to(DEVICE), (0.5 * torch.randn(c)).to(DEVICE)
