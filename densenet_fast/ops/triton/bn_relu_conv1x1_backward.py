@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (collapsible, dot_precision, dy_epilogue, gemm_warps, launch, pixel_block, pooled_bn_relu,
-                     pow2_block, ref_bn_relu, split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
+from .common import (collapsible, dot_precision, dy_epilogue, gemm_warps, grad_out_tile_t, launch, pixel_block,
+                     pooled_bn_relu, pow2_block, ref_bn_relu, split_pixel_tiles, strides_nchw,
+                     weight_grad_pixel_block)
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles).
 _MAX_SPLITS = 64
@@ -99,11 +100,7 @@ def _conv1x1_bwd_weight_kernel(
     acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
-        n = (t // n_hw_tiles).to(tl.int64)
-        offs_p = (t % n_hw_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < HW_out
-        gt = tl.load(g_ptr + n * s_gn + offs_co[:, None] * s_gc + offs_p[None, :] * s_ghw,
-                     mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+        n, offs_p, p_ok, gt = grad_out_tile_t(g_ptr, t, n_hw_tiles, HW_out, offs_co, co_ok, s_gn, s_gc, s_ghw, BLOCK_P)
         valid = p_ok[:, None] & ci_ok[None, :]
         if POOL:
             pix = (2 * (offs_p // W_out)) * s_xh + (2 * (offs_p % W_out)) * s_xw

@@ -147,6 +147,19 @@ def pooled_bn_relu(ptrs, s_xh, s_xw, scale, shift, valid, POOL: tl.constexpr):
 
 
 @triton.jit
+def grad_out_tile_t(g_ptr, t, n_hw_tiles, HW, offs_co, co_ok, s_gn, s_gc, s_ghw, BLOCK_P: tl.constexpr):
+    """Pixel tile ``t`` (tile ``t % n_hw_tiles`` of image ``t // n_hw_tiles``) of the output
+    gradient, transposed for a weight-gradient GEMM: (image, pixel offsets, their mask, the
+    BLOCK_CO x BLOCK_P tile)."""
+    n = (t // n_hw_tiles).to(tl.int64)
+    offs_p = (t % n_hw_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    gt = tl.load(g_ptr + n * s_gn + offs_co[:, None] * s_gc + offs_p[None, :] * s_ghw,
+                 mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+    return n, offs_p, p_ok, gt
+
+
+@triton.jit
 def tile_stats(v, valid, first_row, count):
     """Per-column mean and sum of squared deviations from that mean over the ``valid`` rows
     (``first_row`` marks the tile's first row, which is always valid).
