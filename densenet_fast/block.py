@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from . import block_algorithm as algo
 from .ops import backend_name_for, backend_named
 from .ops.interface import memory_format, stats_dtype
+from .fusion import autocast_dtype
 from .sync import BatchSync, active_group
+from . import stage_autograd
 
 # Process groups of synchronized stages, referred to by index in the op's arguments.
 _PROCESS_GROUPS: list = []
@@ -206,7 +208,12 @@ def _setup_context(ctx, inputs, output):
     out, buf, mean, coefs, masks, bottlenecks, new_running = output
     num_layers, has_transition = ints[1], ints[2]
     kept = x if num_layers == 0 else (buf if has_transition else out)
-    ctx.save_for_backward(kept, mean, *coefs, *masks, *bottlenecks, *params)
+    # x itself, for a double backward (stage_autograd.py): saved as a view of the buffer's first
+    # channels, which hold its values, so it costs no memory and stays x to autograd.
+    # Compiled graphs do not double-backward: they keep no x (a placeholder says so).
+    x_saved = x.new_empty(0) if torch.compiler.is_compiling() and kept is not x else x
+    with stage_autograd.saved_as_buffer_prefix(x_saved, kept):
+        ctx.save_for_backward(kept, mean, *coefs, *masks, *bottlenecks, *params, x_saved)
     ctx.mark_non_differentiable(buf, mean, *coefs, *masks, *bottlenecks, *new_running)
     ctx.set_materialize_grads(False)  # else autograd allocates zero grads as large as the buffer
     ctx.sizes = (len(coefs), len(masks), len(bottlenecks), len(params), len(running))
@@ -216,6 +223,9 @@ def _setup_context(ctx, inputs, output):
     ctx.no_grads = tuple([] if isinstance(a, list) and not a else None for a in inputs[3:])
     ctx.needs = [p.requires_grad for p in params]
     ctx.x_needs = x.requires_grad
+    # For a double backward: the math's own settings, and the running stats of the BNs that read them.
+    ctx.eps, ctx.batch_stats = eps, batch_stats
+    ctx.eval_running = stage_autograd.eval_running_stats(running, has_running, batch_stats)
 
 
 def _backward(ctx, grad_out, *unused_grads):
@@ -223,12 +233,25 @@ def _backward(ctx, grad_out, *unused_grads):
     if grad_out is None:  # grads are not materialized: the output got none
         return (None, [None] * n_params, [None] * n_running) + ctx.no_grads
     saved = ctx.saved_tensors
-    kept, mean = saved[0], saved[1]
-    rest = saved[2:]
+    kept, mean, x = saved[0], saved[1], saved[-1]
+    rest = saved[2:-1]
     coefs, rest = list(rest[:n_coefs]), rest[n_coefs:]
     masks, rest = list(rest[:n_masks]), rest[n_masks:]
     bottlenecks, params = list(rest[:n_bottlenecks]), list(rest[n_bottlenecks:])
     ints, batch_stats, drop_rates, in_channels, channels_last, backend = ctx.args
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, double backward): the gradients through the stage's
+        # math in differentiable ops, recomputed from the same inputs and dropout masks.
+        if ints[4] >= 0:
+            raise NotImplementedError(f"double backward through {ctx.name} with synchronized BatchNorm is not "
+                                      "supported (torch.nn.SyncBatchNorm does not support it either)")
+        inputs = ([x] if ctx.x_needs else []) + [p for p, need in zip(params, ctx.needs) if need]
+        out = stage_autograd.stage_forward(x, params, ints[1], bool(ints[2]), ctx.eps, ctx.batch_stats,
+                                           ctx.eval_running, drop_rates, masks)
+        found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+        grad_x = next(found) if ctx.x_needs else None
+        grads = [next(found) if need else None for need in ctx.needs]
+        return (grad_x, grads, [None] * n_running) + ctx.no_grads
     with _out_of_memory_names(ctx.name, kept, "backward"):
         grad_x, grads = torch.ops.densenet_fast.dense_stage_backward(
             grad_out.contiguous(memory_format=memory_format(grad_out)), kept, mean, coefs, masks, bottlenecks,
@@ -249,7 +272,7 @@ def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], au
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {shape}")
     if x.shape[1] != stage.in_channels:
         raise ValueError(f"expected an input with {stage.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    ref = next(p for p in params if p is not None)
+    ref = next(p for p in params if p is not None and p.dim() == 4)  # a conv weight: the compute dtype
     if not x.is_floating_point() or (x.dtype != ref.dtype and not autocast):
         raise TypeError(f"expected input dtype {ref.dtype} (the parameters' dtype), got {x.dtype}")
     if x.device != ref.device:
@@ -278,10 +301,11 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     """
     params = stage.params()
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
-    _check_input(x, stage, params, autocast)
-    if autocast:
-        x = x.to(torch.get_autocast_dtype(device_type))
+    conv_dtype = next((p.dtype for p in params if p is not None and p.dim() == 4), x.dtype)
+    cast = autocast_dtype(x, conv_dtype) if isinstance(x, Tensor) else None
+    _check_input(x, stage, params, cast is not None)
+    if cast is not None:
+        x = x.to(cast)
     norms = stage.norms()
     running = []
     has_running = [norm.running_mean is not None for norm in norms]
@@ -313,3 +337,57 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
                 if norm.num_batches_tracked is not None:
                     norm.num_batches_tracked.copy_(next(new))
     return out
+
+
+# --- FLOP formulas (torch.utils.flop_counter) -------------------------------------------------------
+# The model's FLOPs as torchvision defines them (2 per multiply-add of every convolution, a
+# transition's conv counted before its pooling, backward as the grads a module-by-module
+# backward computes), not the fused op's own work (pooling first is 4x fewer transition FLOPs,
+# the bottleneck recompute 1 conv1x1 more per layer): the convention of MFU and of model cards.
+
+
+def _conv_flops(n: int, h: int, w: int, c_in: int, c_out: int, kernel: int) -> int:
+    return 2 * n * h * w * c_in * c_out * kernel * kernel
+
+
+def _stage_convs(x_shape, params_shapes, ints) -> list[tuple[int, int, int, int]]:
+    """(param index of the weight, c_in, c_out, kernel) of every conv of the stage, in order."""
+    growth_rate, num_layers, has_transition = ints[0], ints[1], ints[2]
+    convs, c = [], x_shape[1]
+    for i in range(num_layers):
+        base = algo.PARAMS_PER_LAYER * i
+        bottleneck = params_shapes[base + 2][0]
+        convs += [(base + 2, c, bottleneck, 1), (base + 5, bottleneck, growth_rate, 3)]
+        c += growth_rate
+    if has_transition:
+        convs.append((algo.PARAMS_PER_LAYER * num_layers + 2, c, params_shapes[-1][0], 1))
+    return convs
+
+
+def _dense_stage_flops(x_shape, params_shapes, running, ints, *args, **kwargs) -> int:
+    n, _, h, w = x_shape
+    return sum(_conv_flops(n, h, w, c_in, c_out, k) for _, c_in, c_out, k in _stage_convs(x_shape, params_shapes, ints))
+
+
+def _dense_stage_backward_flops(grad_out_shape, buf_shape, mean, coefs, masks, bottlenecks, params_shapes, ints,
+                                batch_stats, drop_rates, in_channels, channels_last, needs, x_needs, *args,
+                                **kwargs) -> int:
+    n, _, h, w = buf_shape
+    total, upstream = 0, x_needs  # whether a conv's input depends on something that needs a gradient
+    for index, c_in, c_out, k in _stage_convs((n, in_channels, h, w), params_shapes, ints):
+        if index % algo.PARAMS_PER_LAYER in (2, 5):  # the BN before this conv: its weight and bias
+            upstream = upstream or needs[index - 2] or needs[index - 1]
+        flops = _conv_flops(n, h, w, c_in, c_out, k)
+        total += flops * (int(upstream) + int(needs[index]))
+        upstream = upstream or needs[index]
+    return total
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.densenet_fast.dense_stage)(_dense_stage_flops)
+    register_flop_formula(torch.ops.densenet_fast.dense_stage_backward)(_dense_stage_backward_flops)
+
+
+_register_flop_formulas()
