@@ -6,6 +6,7 @@
 from . import reference
 from .convert import convert
 from .distributed import SyncBatchNorm2d, convert_sync_batchnorm
+from .fusion import FallbackError, get_fallback, set_fallback
 from .memory import peak_memory
 from .models import (
     DenseNet,
@@ -21,5 +22,6 @@ from .ops import available_backends, get_backend_name, set_backend
 __all__ = [
     "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
     "convert", "convert_sync_batchnorm", "SyncBatchNorm2d", "reference", "peak_memory", "set_backend", "get_backend_name", "available_backends",
+    "set_fallback", "get_fallback", "FallbackError",
 ]
 __version__ = "0.1.0"

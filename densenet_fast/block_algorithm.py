@@ -85,7 +85,10 @@ def _new_running_stats(norm: NormSpec, mean: Tensor, var: Tensor, count: int) ->
     """torch.nn.BatchNorm's update, as new tensors: unbiased variance, momentum or cumulative average."""
     rm, rv, nbt = norm.running
     new_nbt = None if nbt is None else nbt + 1
-    factor = 1.0 / float(new_nbt) if norm.momentum is None else norm.momentum
+    if norm.momentum is not None:
+        factor = norm.momentum
+    else:  # torch's cumulative average; without num_batches_tracked torch leaves the stats as they are
+        factor = 0.0 if new_nbt is None else 1.0 / float(new_nbt)
     new_rm = rm * (1.0 - factor) + mean.to(rm.dtype) * factor
     new_rv = rv * (1.0 - factor) + (var * (count / (count - 1))).to(rv.dtype) * factor
     return [new_rm, new_rv] + ([] if new_nbt is None else [new_nbt])

@@ -107,6 +107,65 @@ def context_reason(x) -> Optional[str]:
 
 
 # --- what the modules are ---------------------------------------------------------------------------
+# Two forms of the same rules: ``standard_stage`` is the quick yes, run on every forward (plain dict
+# reads: nn.Module.__getattr__ and message strings cost ~10 ms per DenseNet-121 step); the
+# ``*_reason`` functions below are the authority, run only when the quick check says no, and name
+# what differs. A rule added to one must be added to the other.
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros")
+_CONV3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+
+
+def _quiet(module: nn.Module) -> bool:
+    d = module.__dict__
+    return not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "parametrizations" in d["_modules"])
+
+
+def _conv_ok(conv: nn.Module, in_channels: int, form: tuple) -> bool:
+    d = conv.__dict__
+    return (type(conv) is nn.Conv2d and _quiet(conv) and d["in_channels"] == in_channels
+            and (d["kernel_size"], d["stride"], d["padding"], d["dilation"], d["groups"], d["padding_mode"]) == form
+            and d["_parameters"]["bias"] is None)
+
+
+def _norm_ok(norm: nn.Module, channels: int) -> bool:
+    return type(norm) in _NORMS and _quiet(norm) and norm.__dict__["num_features"] == channels
+
+
+def standard_stage(layers: Sequence[nn.Module], layer_class: type, transition: Optional[nn.Module],
+                   transition_class: type, in_channels: int) -> bool:
+    """Whether every module of the stage is standard (the rules of layer_reason/transition_reason)."""
+    channels, growth = in_channels, None
+    for layer in layers:
+        m = layer.__dict__["_modules"]
+        norm1, relu1, conv1 = m.get("norm1"), m.get("relu1"), m.get("conv1")
+        norm2, relu2, conv2 = m.get("norm2"), m.get("relu2"), m.get("conv2")
+        if type(layer) is not layer_class or "forward" in layer.__dict__ or type(conv1) is not nn.Conv2d \
+                or type(conv2) is not nn.Conv2d:
+            return False
+        bottleneck = conv1.__dict__["out_channels"]
+        new = conv2.__dict__["out_channels"]
+        if not (_norm_ok(norm1, channels) and type(relu1) is nn.ReLU and _quiet(relu1)
+                and _conv_ok(conv1, channels, _CONV1X1) and _norm_ok(norm2, bottleneck)
+                and type(relu2) is nn.ReLU and _quiet(relu2) and _conv_ok(conv2, bottleneck, _CONV3X3)
+                and (growth is None or new == growth) and 0.0 <= float(layer.__dict__["drop_rate"]) <= 1.0):
+            return False
+        channels, growth = channels + new, new
+    if transition is not None:
+        m = transition.__dict__["_modules"]
+        if type(transition) is not transition_class or "forward" in transition.__dict__ \
+                or list(m) != ["norm", "relu", "conv", "pool"]:
+            return False
+        pool = m["pool"].__dict__
+        if not (_norm_ok(m["norm"], channels) and type(m["relu"]) is nn.ReLU and _quiet(m["relu"])
+                and _conv_ok(m["conv"], channels, _CONV1X1) and type(m["pool"]) is nn.AvgPool2d and _quiet(m["pool"])
+                and pool["kernel_size"] in (2, (2, 2)) and pool["stride"] in (2, (2, 2))
+                and pool["padding"] in (0, (0, 0)) and not pool["ceil_mode"] and pool["divisor_override"] is None):
+            return False
+    return True
+
 
 
 def _hook_reason(module: nn.Module, name: str) -> Optional[str]:

@@ -155,31 +155,42 @@ def _stage_reason(x: Tensor, block: Optional[_DenseBlock], transition: Optional[
     if reason is not None:
         return reason
     _check_stage_input(x, block, transition)
-    channels, growth, layers = x.shape[1], None, []
+    layers = list(block.values()) if block is not None else []
+    if not layers and transition is None:
+        return f"{block.stage_name} has no layers"
+    if not fusion.standard_stage(layers, _DenseLayer, transition, _Transition, x.shape[1]):
+        reason = _module_reason(x, block, transition)
+        if reason is not None:
+            return reason
+    # Plain dict reads: this runs on every forward (see fusion.standard_stage).
+    modules = [layer.__dict__["_modules"] for layer in layers]
+    norms = [n for m in modules for n in (m["norm1"], m["norm2"])]
+    convs = [c.__dict__["_parameters"]["weight"] for m in modules for c in (m["conv1"], m["conv2"])]
+    if transition is not None:
+        m = transition.__dict__["_modules"]
+        norms.append(m["norm"])
+        convs.append(m["conv"].__dict__["_parameters"]["weight"])
+    if len({type(n) for n in norms}) > 1:
+        return "the stage mixes SyncBatchNorm and BatchNorm2d"
+    if type(norms[0]) is nn.SyncBatchNorm and len({id(n.process_group) for n in norms}) > 1:
+        return "the stage's SyncBatchNorms use different process groups"
+    norm_tensors = [t for n in norms for d in (n.__dict__,) for t in (d["_parameters"]["weight"], d["_parameters"]["bias"],
+                    d["_buffers"]["running_mean"], d["_buffers"]["running_var"])]
+    return fusion.tensors_reason(x, convs, norm_tensors)
+
+
+def _module_reason(x: Tensor, block: Optional[_DenseBlock], transition: Optional[_Transition]) -> Optional[str]:
+    channels, growth = x.shape[1], None
     if block is not None:
-        if len(block) == 0 and transition is None:
-            return f"{block.stage_name} has no layers"
         for name, layer in block.items():
             reason = fusion.layer_reason(layer, _DenseLayer, f"{block.stage_name}.{name}", channels, growth)
             if reason is not None:
                 return reason
             growth = layer.conv2.out_channels
             channels += growth
-            layers.append(layer)
-    norms = [n for layer in layers for n in (layer.norm1, layer.norm2)]
-    convs = [c for layer in layers for c in (layer.conv1.weight, layer.conv2.weight)]
     if transition is not None:
-        reason = fusion.transition_reason(transition, _Transition, transition.stage_name, channels)
-        if reason is not None:
-            return reason
-        norms.append(transition.norm)
-        convs.append(transition.conv.weight)
-    if len({type(n) for n in norms}) > 1:
-        return "the stage mixes SyncBatchNorm and BatchNorm2d"
-    if type(norms[0]) is nn.SyncBatchNorm and len({id(n.process_group) for n in norms}) > 1:
-        return "the stage's SyncBatchNorms use different process groups"
-    norm_tensors = [t for n in norms for t in (n.weight, n.bias, n.running_mean, n.running_var)]
-    return fusion.tensors_reason(x, convs, norm_tensors)
+        return fusion.transition_reason(transition, _Transition, transition.stage_name, channels)
+    return None
 
 
 def _check_stage_input(x: Tensor, block: Optional[_DenseBlock], transition: Optional[_Transition]) -> None:
@@ -210,7 +221,7 @@ def _run_fused(x: Tensor, block: Optional[_DenseBlock], transition: Optional[_Tr
     block output is a fresh torch.cat that nothing saves).
     """
     reason = _stage_reason(x, block, transition)
-    name = block.stage(transition).name if block is not None else transition.stage_name
+    name = " + ".join(m.stage_name for m in (block, transition) if m is not None)
     if reason is not None:
         if not quiet:
             fusion.fall_back(name, reason)
