@@ -7,6 +7,10 @@ CUDA, both processes share the GPU and it is also checked against torch.nn.SyncB
 on a torchvision model (that case runs in benchmarks/gpu_check).
 """
 
+import copy
+import warnings
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -110,12 +114,43 @@ def _check_against_torch_sync_batchnorm(rank):
         torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
+def _check_torch_sync_batchnorm_inside_a_stage(rank):
+    """Blocks whose BNs torch.nn.SyncBatchNorm.convert_sync_batchnorm replaced run fused with statistics
+    over every process (torch's own module refuses CPU tensors when it synchronizes, so the check is
+    its definition: BN over the concatenated batch, with the processes' gradients summed)."""
+    model, _ = _models()
+    block, transition = model.features.denseblock1, model.features.transition1
+    full = densenet_fast.models._Features(OrderedDict(block=block, transition=transition))  # fused as one node
+    reference = copy.deepcopy(full)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(full))
+    assert type(synced.block.denselayer1.norm1) is torch.nn.SyncBatchNorm
+    x = torch.randn(sum(SHARDS), 8, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    xs = torch.split(x, SHARDS)[rank].clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused op runs: no fallback warning
+        out = synced(xs)
+    out_ref = reference(xr)
+    g = torch.randn(out_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out.backward(torch.split(g, SHARDS)[rank])
+    out_ref.backward(g)
+    torch.testing.assert_close(out, torch.split(out_ref.detach(), SHARDS)[rank], msg="output")
+    torch.testing.assert_close(xs.grad, torch.split(xr.grad, SHARDS)[rank], msg="input grad")
+    for (name, p), q in zip(synced.named_parameters(), reference.parameters()):
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, q.grad, msg=name)
+    for (name, b), c in zip(synced.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm needs CUDA (runs in gpu_check)")
 def test_sync_batchnorm_matches_torch_sync_batchnorm_on_cuda(tmp_path):
     mp.spawn(_run, args=(2, str(tmp_path / "init"), _check_against_torch_sync_batchnorm), nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm], ids=["ddp", "sync_batchnorm"])
+@pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm, _check_torch_sync_batchnorm_inside_a_stage],
+                         ids=["ddp", "sync_batchnorm", "torch_sync_batchnorm_in_a_stage"])
 def test_two_processes_on_gloo(check, tmp_path):
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this build")
