@@ -132,6 +132,12 @@ class _Transition(nn.Sequential):
         return input
 
 
+def _reads_without_modifying(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` is a BatchNorm of torch's or ours (which never modify their input) without hooks."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and not _own_hooks(module)
+            and type(module).__module__.startswith(("torch.nn.", "densenet_fast.")))
+
+
 def _own_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -261,7 +267,7 @@ class _Features(nn.Sequential):
                     if out is not None:
                         x, i = out, i + 2
                         continue
-                elif type(following) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not _own_hooks(following):
+                elif _reads_without_modifying(following):
                     # A BatchNorm reads the block's output without modifying it: no copy needed.
                     out = _run_fused(x, module, None, quiet=True)
                     if out is not None:
