@@ -191,9 +191,11 @@ def _conv_reason(conv: nn.Module, name: str, in_channels: int, kernel: int) -> O
         return f"{name} is a {type(conv).__name__}, not a Conv2d"
     expected = dict(kernel_size=(kernel, kernel), stride=(1, 1), padding=(kernel // 2, kernel // 2),
                     dilation=(1, 1), groups=1, padding_mode="zeros", in_channels=in_channels)
-    for attr, value in expected.items():
-        if getattr(conv, attr) != value:
-            return f"{name}.{attr} is {getattr(conv, attr)!r}, the fused op implements {value!r}"
+    differ = [attr for attr, value in expected.items() if getattr(conv, attr) != value]
+    if differ:
+        has = ", ".join(f"{attr}={getattr(conv, attr)!r}" for attr in differ)
+        implemented = ", ".join(f"{attr}={expected[attr]!r}" for attr in differ)
+        return f"{name} has {has}; the fused op implements {implemented}"
     if conv.bias is not None:
         return f"{name} has a bias"
     return None

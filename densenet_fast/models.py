@@ -209,7 +209,9 @@ def _check_stage_input(x: Tensor, block: Optional[_DenseBlock], transition: Opti
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"expected an input with {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     conv = getattr(first, "conv1", None) if first is not None else getattr(transition, "conv", None)
-    weight = getattr(conv, "weight", None)
+    # The registered parameter only: reading ``conv.weight`` of a reparametrized conv would run its
+    # parametrization (a spectral norm's power iteration) one time more than torchvision does.
+    weight = conv._parameters.get("weight") if isinstance(conv, nn.Module) else None
     if isinstance(weight, Tensor):
         if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"expected input dtype {weight.dtype} (the parameters' dtype), got {x.dtype}")
