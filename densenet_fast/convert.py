@@ -135,6 +135,8 @@ class _Converter:
         for name, child in children:
             ours.add_module(name, child)
         ours.training = source.training
+        if isinstance(ours, (_DenseBlock, _Transition)):
+            ours.stage_name = path  # names the stage in fallback messages, as DenseNet() does
         return ours
 
     def children(self, path: str, source: nn.Module, required: tuple[str, ...], what: str) -> list:

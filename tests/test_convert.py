@@ -97,12 +97,15 @@ CARRIED = {
 }
 
 
+# The source runs torchvision's default (no checkpointing: each BN updates its running stats once);
+# ours must give its numbers with checkpointing (our default) or without it.
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["memory_efficient", "not_memory_efficient"])
 @pytest.mark.parametrize("case", sorted(CARRIED))
-def test_carried_module_computes_what_torchvision_computes(case):
+def test_carried_module_computes_what_torchvision_computes(case, memory_efficient):
     edit, paths = CARRIED[case]
     tv = _tv()
     edit(tv)
-    fast = densenet_fast.convert(tv)
+    fast = densenet_fast.convert(tv, memory_efficient=memory_efficient)
     for path in paths:
         mine, theirs = fast.get_submodule(path), tv.get_submodule(path)
         assert type(mine) is type(theirs) and mine is not theirs, path
@@ -268,3 +271,21 @@ def test_models_that_are_not_torchvision_densenets_are_refused():
         densenet_fast.convert(_MyDenseNet(4, (2, 2), 8, num_classes=5))
     with pytest.raises(TypeError, match=r"densenet_fast.models.DenseNet\): not a torchvision"):
         densenet_fast.convert(densenet_fast.DenseNet(4, (2, 2), 8, num_classes=5))
+
+
+def _timm_standard():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_classes=5, bn_size=2).double()
+
+
+@pytest.mark.parametrize("make", [_tv, lambda: nn.SyncBatchNorm.convert_sync_batchnorm(_tv()), _timm_standard],
+                         ids=["torchvision", "torchvision_sync_batchnorm", "timm"])
+def test_a_standard_model_converts_to_one_whose_stages_run_fused(make, monkeypatch):
+    # Under the "error" policy a stage that cannot run fused raises instead of falling back.
+    monkeypatch.setenv("DENSENET_FAST_FALLBACK", "error")
+    source = make()
+    fast = densenet_fast.convert(source)
+    assert fast.features.denseblock2.stage_name == "features.denseblock2"
+    assert fast.features.transition1.stage_name == "features.transition1"
+    compare_with_reference(fast, source, _x(), steps=1)

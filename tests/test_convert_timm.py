@@ -68,11 +68,12 @@ CARRIED = {
 }
 
 
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["memory_efficient", "not_memory_efficient"])
 @pytest.mark.parametrize("case", sorted(CARRIED))
-def test_timm_variants_are_carried_module_for_module(case):
+def test_timm_variants_are_carried_module_for_module(case, memory_efficient):
     make, path = CARRIED[case]
-    theirs = make()
-    fast = densenet_fast.convert(theirs)
+    theirs = make()  # timm's default: no checkpointing
+    fast = densenet_fast.convert(theirs, memory_efficient=memory_efficient)
     assert type(fast.get_submodule(path)) is type(theirs.get_submodule(path))
     compare_with_reference(fast, theirs, _x())
 
