@@ -199,8 +199,7 @@ class _Converter:
                                                        f"{self.library.layer.__name__} layers only")
             layers.append((name, self.layer(f"{path}.{name}", child)))
         inputs, growth, bn_size = _layer_sizes(source._modules[layers[0][0]]) if layers else (1, 1, 1)
-        with torch.device("meta"):
-            ours = _DenseBlock(max(1, len(layers)), inputs, bn_size, growth, 0.0, self.memory_efficient)
+        ours = _DenseBlock(0, inputs, bn_size, growth, 0.0, self.memory_efficient)  # its layers: ``layers``
         return self.container(path, source, ours, layers)
 
     def transition(self, path: str, source: nn.Module) -> _Transition:
