@@ -261,7 +261,7 @@ def bc_depths(n_max: int) -> list[int]:
 
 def _bc_model(kind: str, depth: int, growth_rate: int) -> nn.Module:
     if kind.startswith("densenet_fast"):
-        from .models import densenet_bc
+        from .builders import densenet_bc
 
         model = densenet_bc(depth, growth_rate)
         backend = kind[len("densenet_fast["):-1] if "[" in kind else None
