@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from .bench import MiB, training_memory
-from .models import densenet_bc
+from .builders import densenet_bc
 
 SPLIT_SEED = 0
 IMAGE_SIZE = 32
