@@ -180,7 +180,7 @@ def _hook_reason(module: nn.Module, name: str) -> Optional[str]:
 
 def _norm_reason(norm: nn.Module, name: str, channels: int) -> Optional[str]:
     if type(norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"{name} is a {type(norm).__name__}, not a BatchNorm2d"
+        return f"{name} is {type(norm).__name__}, not BatchNorm2d"
     if norm.num_features != channels:
         return f"{name} normalizes {norm.num_features} channels, expected {channels}"
     return None
@@ -188,7 +188,7 @@ def _norm_reason(norm: nn.Module, name: str, channels: int) -> Optional[str]:
 
 def _conv_reason(conv: nn.Module, name: str, in_channels: int, kernel: int) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
-        return f"{name} is a {type(conv).__name__}, not a Conv2d"
+        return f"{name} is {type(conv).__name__}, not Conv2d"
     expected = dict(kernel_size=(kernel, kernel), stride=(1, 1), padding=(kernel // 2, kernel // 2),
                     dilation=(1, 1), groups=1, padding_mode="zeros", in_channels=in_channels)
     differ = [attr for attr, value in expected.items() if getattr(conv, attr) != value]
@@ -202,7 +202,7 @@ def _conv_reason(conv: nn.Module, name: str, in_channels: int, kernel: int) -> O
 
 
 def _relu_reason(relu: nn.Module, name: str) -> Optional[str]:
-    return None if type(relu) is nn.ReLU else f"{name} is a {type(relu).__name__}, not a ReLU"
+    return None if type(relu) is nn.ReLU else f"{name} is {type(relu).__name__}, not ReLU"
 
 
 def _first(reasons) -> Optional[str]:
@@ -221,7 +221,7 @@ def layer_reason(layer: nn.Module, layer_class: type, name: str, in_channels: in
                  growth_rate: Optional[int]) -> Optional[str]:
     """Why ``layer`` is not a standard dense layer reading ``in_channels`` channels, or None."""
     if type(layer) is not layer_class:
-        return f"{name} is a {type(layer).__name__}, not a dense layer"
+        return f"{name} is {type(layer).__name__}, not dense layer"
     if "forward" in layer.__dict__:
         return f"{name}.forward is replaced"
     names = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
@@ -247,7 +247,7 @@ def layer_reason(layer: nn.Module, layer_class: type, name: str, in_channels: in
 def transition_reason(transition: nn.Module, transition_class: type, name: str, in_channels: int) -> Optional[str]:
     """Why ``transition`` is not the standard BN-ReLU-conv1x1-AvgPool2d(2), or None."""
     if type(transition) is not transition_class:
-        return f"{name} is a {type(transition).__name__}, not a transition"
+        return f"{name} is {type(transition).__name__}, not transition"
     if "forward" in transition.__dict__:
         return f"{name}.forward is replaced"
     names = ["norm", "relu", "conv", "pool"]
@@ -261,7 +261,7 @@ def transition_reason(transition: nn.Module, transition_class: type, name: str, 
     ])
     if reason is None:
         if type(pool) is not nn.AvgPool2d:
-            return f"{name}.pool is a {type(pool).__name__}, not an AvgPool2d"
+            return f"{name}.pool is {type(pool).__name__}, not AvgPool2d"
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
         if (pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pool.ceil_mode,
                 pool.divisor_override) != ((2, 2), (2, 2), (0, 0), False, None):

@@ -51,7 +51,26 @@ class _DenseLayer(nn.Module):
 
     @torch.jit.unused
     def _checkpointed_bottleneck(self, inputs: List[Tensor]) -> Tensor:
-        return cp.checkpoint(lambda *features: self.bn_function(list(features)), *inputs, use_reentrant=False)
+        # torchvision's checkpointing, made exact: its recompute in backward updates norm1's running
+        # stats a second time (and steps a spectral norm's power iteration again). Here the
+        # recompute starts from the buffers as the forward found them and leaves them as the forward
+        # left them, so the numbers are memory_efficient=False's, as on the fused path.
+        modules = (self.norm1, self.relu1, self.conv1)
+        before = _buffer_values(modules)
+        calls = []
+
+        def bottleneck(*features: Tensor) -> Tensor:
+            calls.append(None)
+            if len(calls) == 1:
+                return self.bn_function(list(features))
+            after = _buffer_values(modules)
+            _set_buffers(modules, before)
+            try:
+                return self.bn_function(list(features))
+            finally:
+                _set_buffers(modules, after)
+
+        return cp.checkpoint(bottleneck, *inputs, use_reentrant=False)
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         """The layer's new features from its input or the list of earlier features (torchvision's API)."""
@@ -73,6 +92,18 @@ class _DenseLayer(nn.Module):
             if legacy:
                 state_dict[legacy.group(1) + legacy.group(2)] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _buffer_values(modules) -> list[list[Tensor]]:
+    with torch.no_grad():
+        return [[b.clone() for b in m.buffers()] for m in modules]
+
+
+def _set_buffers(modules, values: list[list[Tensor]]) -> None:
+    with torch.no_grad():
+        for m, saved in zip(modules, values):
+            for b, v in zip(m.buffers(), saved):
+                b.copy_(v)
 
 
 class _DenseBlock(nn.ModuleDict):
