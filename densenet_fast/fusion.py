@@ -221,7 +221,7 @@ def layer_reason(layer: nn.Module, layer_class: type, name: str, in_channels: in
                  growth_rate: Optional[int]) -> Optional[str]:
     """Why ``layer`` is not a standard dense layer reading ``in_channels`` channels, or None."""
     if type(layer) is not layer_class:
-        return f"{name} is {type(layer).__name__}, not dense layer"
+        return f"{name} is {type(layer).__name__}, not a densenet_fast dense layer"
     if "forward" in layer.__dict__:
         return f"{name}.forward is replaced"
     names = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
@@ -247,7 +247,7 @@ def layer_reason(layer: nn.Module, layer_class: type, name: str, in_channels: in
 def transition_reason(transition: nn.Module, transition_class: type, name: str, in_channels: int) -> Optional[str]:
     """Why ``transition`` is not the standard BN-ReLU-conv1x1-AvgPool2d(2), or None."""
     if type(transition) is not transition_class:
-        return f"{name} is {type(transition).__name__}, not transition"
+        return f"{name} is {type(transition).__name__}, not a densenet_fast transition"
     if "forward" in transition.__dict__:
         return f"{name}.forward is replaced"
     names = ["norm", "relu", "conv", "pool"]
