@@ -15,9 +15,12 @@ from torch import nn
 import densenet_fast
 from helpers import randomize_bn
 
-# Tiny models: every case compares module-by-module torchvision with ours in float64.
-CONFIG = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
-CONFIG3 = dict(growth_rate=6, block_config=(2, 3, 2), num_init_features=12, bn_size=2, num_classes=5)
+# Tiny models: every case compares module-by-module torchvision with ours in float64. memory_efficient is
+# torchvision's default (False) on both sides: with True, torchvision's checkpointing updates running stats
+# twice per step, which our fused op deliberately does not (its fallback does, see test_drop_in_modules.py).
+CONFIG = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5, memory_efficient=False)
+CONFIG3 = dict(growth_rate=6, block_config=(2, 3, 2), num_init_features=12, bn_size=2, num_classes=5,
+               memory_efficient=False)
 FUSED_OP = "densenet_fast::dense_stage"
 
 
@@ -48,6 +51,13 @@ def torchvision_twin(modify: Optional[Callable[[nn.Module], None]] = None, confi
     for name, module in ours.named_modules():
         module.training = theirs[name].training
     return tv, ours
+
+
+def train_step(model, x):
+    """One forward and backward of a loss that reaches every output; returns the input's gradient."""
+    x = x.clone().requires_grad_(True)
+    model(x).pow(2).sum().backward()
+    return x.grad
 
 
 @contextlib.contextmanager

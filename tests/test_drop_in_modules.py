@@ -9,23 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-import densenet_fast
-from drop_in_helpers import (CONFIG, assert_declines, assert_fused, assert_same_tensors, seeded, tiny_input,
-                             torchvision_twin)
+from drop_in_helpers import (CONFIG, assert_declines, assert_fused, assert_same_tensors, library_warnings, seeded,
+                             tiny_input, torchvision_twin, train_step)
 from helpers import compare_with_reference
+from test_distributed import _run as run_in_process_group
 
 LAYER = "features.denseblock1.denselayer1"
 LAYER2 = "features.denseblock1.denselayer2"
 
-
-def _train_step(model, x):
-    x = x.clone().requires_grad_(True)
-    model(x).pow(2).sum().backward()
-    return x.grad
 
 
 # --- hooks ----------------------------------------------------------------------------------------
@@ -67,7 +61,7 @@ def test_hook_that_edits_is_applied(case):
     compare_with_reference(ours, tv, x)
     if where.count(".") > 1:  # a module inside a stage: the fused op cannot run it
         ours.train()
-        assert_declines(lambda: _train_step(ours, x), r"hook")
+        assert_declines(lambda: train_step(ours, x), r"hook")
 
 
 def _recorder(log, kind):
@@ -94,8 +88,8 @@ def test_observing_hooks_fire_as_in_torchvision():
 
     tv, ours = torchvision_twin(observe)
     x = tiny_input()
-    _train_step(tv, x)
-    _train_step(ours, x)
+    train_step(tv, x)
+    train_step(ours, x)
     log_tv, log = logs
     assert [k for k, _ in log] == [k for k, _ in log_tv]
     assert_same_tensors([t for _, t in log], [t for _, t in log_tv], "hook tensors")
@@ -155,7 +149,8 @@ REPLACEMENTS = {  # case: (modification, reason regex)
     "transition_pool_3x3": (_replace("features.transition1.pool", lambda m: nn.AvgPool2d(3, 2, padding=1)),
                             r"pool"),
     "conv2_bias": (_replace(f"{LAYER2}.conv2", lambda m: _conv_like(m, bias=True)), r"bias"),
-    "conv2_dilation": (_replace(f"{LAYER}.conv2", lambda m: _conv_like(m, dilation=2, padding=2)), r"dilation"),
+    "conv2_dilation": (_replace(f"{LAYER}.conv2", lambda m: _conv_like(m, dilation=2, padding=2)),
+                       r"dilation|padding"),
     "conv2_circular": (_replace(f"{LAYER}.conv2", lambda m: _conv_like(m, padding_mode="circular")),
                        r"padding_mode|circular"),
     "conv1_groups": (_replace(f"{LAYER2}.conv1", lambda m: _conv_like(m, in_channels=m.in_channels, groups=4)),
@@ -191,7 +186,35 @@ def test_replaced_module_inside_a_stage_is_what_runs(case):
     x = tiny_input()
     compare_with_reference(ours, tv, x)
     ours.train()
-    assert_declines(lambda: _train_step(ours, x), reason)
+    assert_declines(lambda: train_step(ours, x), reason)
+
+
+def test_fallback_warns_once_per_reason():
+    tv, ours = torchvision_twin(REPLACEMENTS["relu1_silu"][0])
+    x = tiny_input()
+    with library_warnings() as caught:
+        for _ in range(2):
+            train_step(ours, x)
+        # A second reason, in the other stage.
+        ours.get_submodule("features.denseblock2.denselayer1.conv1").register_forward_hook(_edit_output)
+        for _ in range(2):
+            train_step(ours, x)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "SiLU" in messages[0] and "hook" in messages[1], messages
+
+
+def _silu_everywhere(model):
+    for name, module in list(model.named_modules()):
+        if name.endswith("relu1"):
+            model.set_submodule(name, nn.SiLU())
+
+
+def test_fallback_with_memory_efficient_checkpoints_as_torchvision():
+    """memory_efficient=True on both, every block falling back: the modules run with torchvision's
+    checkpointing (its recompute in backward updates running stats a second time, and so must the fallback's;
+    a fused stage updates them once, by design)."""
+    tv, ours = torchvision_twin(_silu_everywhere, config={**CONFIG, "memory_efficient": True})
+    compare_with_reference(ours, tv, tiny_input())
 
 
 def _set_bn(model, **settings):
@@ -207,7 +230,7 @@ def test_standard_modules_with_other_bn_settings_stay_fused(settings):
     x = tiny_input()
     compare_with_reference(ours, tv, x)
     ours.train()
-    assert_fused(lambda: _train_step(ours, x), stages=2)
+    assert_fused(lambda: train_step(ours, x), stages=2)
 
 
 # --- reparametrizations -------------------------------------------------------------------------------
@@ -233,7 +256,7 @@ def test_reparametrized_conv_trains(kind, where):
     x = tiny_input()
     compare_with_reference(ours, tv, x)  # two training steps: the power iteration advances in both
     ours.train()
-    assert_declines(lambda: _train_step(ours, x), r"hook|parametri")
+    assert_declines(lambda: train_step(ours, x), r"hook|parametri")
 
 
 # --- SyncBatchNorm --------------------------------------------------------------------------------------
@@ -249,7 +272,7 @@ def test_torch_convert_sync_batchnorm_outside_distributed_matches_and_stays_fuse
     x = tiny_input()
     compare_with_reference(ours, tv, x)
     ours.train()
-    assert_fused(lambda: _train_step(ours, x), stages=2)
+    assert_fused(lambda: train_step(ours, x), stages=2)
 
 
 SHARDS = (2, 3)  # unequal: statistics must be weighted by counts
@@ -278,15 +301,7 @@ def _sync_check(rank):
     assert_same_tensors(list(stage.buffers()), list(stage_tv.buffers()), f"rank {rank} running stats")
 
 
-def _run(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        _sync_check(rank)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_torch_sync_batchnorm_synchronizes_blocks_across_processes(tmp_path):
     """~10 s: two gloo processes (torch.nn.SyncBatchNorm itself refuses CPU tensors, so the reference is its
     definition: BN over the concatenated batch)."""
-    mp.spawn(_run, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    mp.spawn(run_in_process_group, args=(2, str(tmp_path / "init"), _sync_check), nprocs=2, join=True)
