@@ -87,7 +87,8 @@ def _category(name: str, stack: list[str]) -> str:
     if name in ("aten::copy_", "aten::_foreach_copy_"):
         return "copies"
     if func in ("_normalize", "_batch_coefs", "_param_grads", "_rsqrt_eps", "_grad_factors", "_bn_param_grads") \
-            or (func == "backward" and name in ("aten::mul", "aten::addcmul_")):
+            or (func == "backward" and name in ("aten::mul", "aten::addcmul_", "aten::_foreach_mul",
+                                                "aten::_foreach_addcmul_", "aten::stack")):
         return "coefficient math"
     return "other stage ops"
 

@@ -29,6 +29,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.cross_device_copies = []
+        self.casts = []  # (data_ptr, from dtype, to dtype) of every dtype conversion
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -38,6 +39,8 @@ class _Recorder(TorchDispatchMode):
             with self:
                 return _STAGE_OPS[func](*args, **kwargs)
         out = func(*args, **kwargs)
+        if name in ("aten._to_copy", "aten.to") and out is not args[0] and out.dtype != args[0].dtype:
+            self.casts.append((args[0].data_ptr(), args[0].dtype, out.dtype))
         if name in ("aten.copy_", "aten._to_copy", "aten.to"):
             src = args[1] if name == "aten.copy_" else args[0]
             dst = args[0] if name == "aten.copy_" else out
@@ -106,6 +109,35 @@ def test_training_step_of_a_model_reads_nothing_back(backend):
     names = collections.Counter(e.name for e in prof.events())
     assert names["densenet_fast::dense_stage"] == 2 and names["densenet_fast::dense_stage_backward"] == 2
     assert not {"aten::_local_scalar_dense", "aten::item"} & set(names)
+
+
+def test_conv_weights_are_cast_once_per_step_under_autocast():
+    blk, tr = _stage(dtype=torch.float32)
+    x = torch.randn(2, 5, 6, 6, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    convs = [m.weight for m in list(blk.modules()) + list(tr.modules()) if isinstance(m, torch.nn.Conv2d)]
+    densenet_fast.set_backend("torch")
+    try:
+        recorder = _Recorder()
+        with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dense_stage(x, blk.stage(tr))
+        assert out.dtype == torch.bfloat16
+        with recorder:
+            out.float().sum().backward()
+    finally:
+        densenet_fast.set_backend(None)
+    weight_casts = collections.Counter(ptr for ptr, _, to in recorder.casts if to == torch.bfloat16)
+    assert {w.data_ptr(): 1 for w in convs} == {ptr: n for ptr, n in weight_casts.items()
+                                                 if ptr in {w.data_ptr() for w in convs}}
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in convs)
+
+
+def test_weights_in_the_activations_dtype_are_not_cast():
+    blk, tr = _stage(dtype=torch.float64)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    recorder = _Recorder()
+    with recorder:
+        dense_stage(x, blk.stage(tr)).sum().backward()
+    assert not recorder.casts and recorder.ops["aten.to"] == 0, recorder.casts
 
 
 def _settings(modules):
