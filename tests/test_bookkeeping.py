@@ -218,3 +218,37 @@ def test_cumulative_average_needs_no_host_sync_and_matches_torch():
         assert_close(n.running_mean, t.running_mean, torch.float64, "running_mean")
         assert_close(n.running_var, t.running_var, torch.float64, "running_var")
         assert int(n.num_batches_tracked) == int(t.num_batches_tracked)
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.4])
+def test_double_backward_reads_the_packed_arguments_like_torchvision(drop_rate):
+    """A gradient penalty through a stage with a frozen BN and dropout: its recompute (stage_autograd)
+    gets each layer's mask and each frozen BN's running stats from the op's arguments."""
+    torch.manual_seed(0)
+    ours = torch.nn.ModuleDict({"block": _DenseBlock(2, 4, 2, 3, drop_rate), "transition": _Transition(10, 3)})
+    tv = torch.nn.ModuleDict({"block": torchvision.models.densenet._DenseBlock(2, 4, 2, 3, drop_rate),
+                              "transition": torchvision.models.densenet._Transition(10, 3)})
+    ours, tv = ours.double(), tv.double()
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    tv.load_state_dict(ours.state_dict())
+    for modules in (ours, tv):
+        modules["block"].denselayer2.norm2.eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for modules in (ours, tv):
+        xs = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same dropout masks
+        if modules is ours:
+            out = dense_stage(xs, ours["block"].stage(ours["transition"]))
+        else:
+            out = modules["transition"](modules["block"](xs))
+        (gx,) = torch.autograd.grad((out * out).sum(), xs, create_graph=True)
+        results.append(torch.autograd.grad((gx * gx).sum(), list(modules.parameters())))
+    for (name, _), a, b in zip(ours.named_parameters(), *results):
+        assert_close(a, b, torch.float64, f"grad of the penalty wrt {name}")
