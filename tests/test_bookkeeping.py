@@ -13,7 +13,7 @@ import densenet_fast
 from densenet_fast import block
 from densenet_fast.block import dense_stage
 from densenet_fast.models import _DenseBlock, _Transition
-from helpers import assert_close
+from helpers import assert_close, randomize_bn
 
 # Ops that read a tensor back to the host (or wait for its values).
 _HOST_READS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose",
@@ -53,12 +53,9 @@ def _stage(momentum=0.1, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     blk = _DenseBlock(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.2).to(dtype)
     tr = _Transition(14, 4).to(dtype)
-    for m in list(blk.modules()) + list(tr.modules()):
+    for m in list(randomize_bn(blk).modules()) + list(randomize_bn(tr).modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = momentum
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
     return blk.to(device), tr.to(device)
 
 
@@ -159,14 +156,8 @@ def _settings(modules):
 
 def test_mixed_batchnorm_settings_in_one_stage_match_torchvision():
     torch.manual_seed(0)
-    ours = torch.nn.ModuleDict({"block": _DenseBlock(3, 5, 2, 3, 0.0), "transition": _Transition(14, 4)}).double()
-    with torch.no_grad():
-        for m in ours.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    ours = randomize_bn(torch.nn.ModuleDict({"block": _DenseBlock(3, 5, 2, 3, 0.0),
+                                             "transition": _Transition(14, 4)}).double())
     tv = torch.nn.ModuleDict({"block": torchvision.models.densenet._DenseBlock(3, 5, 2, 3, 0.0),
                               "transition": torchvision.models.densenet._Transition(14, 4)}).double()
     tv.load_state_dict(ours.state_dict())
@@ -228,14 +219,7 @@ def test_double_backward_reads_the_packed_arguments_like_torchvision(drop_rate):
     ours = torch.nn.ModuleDict({"block": _DenseBlock(2, 4, 2, 3, drop_rate), "transition": _Transition(10, 3)})
     tv = torch.nn.ModuleDict({"block": torchvision.models.densenet._DenseBlock(2, 4, 2, 3, drop_rate),
                               "transition": torchvision.models.densenet._Transition(10, 3)})
-    ours, tv = ours.double(), tv.double()
-    with torch.no_grad():
-        for m in ours.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    ours, tv = randomize_bn(ours.double()), tv.double()
     tv.load_state_dict(ours.state_dict())
     for modules in (ours, tv):
         modules["block"].denselayer2.norm2.eval()
