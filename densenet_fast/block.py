@@ -6,13 +6,14 @@ backward is another custom op, so the whole stage is one autograd node in eager 
 opaque node that ``torch.compile`` traces without graph breaks. The math is in
 ``block_algorithm.py``.
 
-Running stats are updated exactly once per training forward: the op returns their new values and
-the wrapper copies them into the module buffers (custom ops with autograd must be functional).
+Running stats are updated exactly once per training forward: the op returns the stage's batch
+statistics packed in one tensor and the wrapper updates every module buffer of the stage from it
+with a few ``_foreach`` ops (custom ops with autograd must be functional). No step reads a tensor
+back to the host.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -88,174 +89,166 @@ def _out_of_memory_names(name: str, x: Tensor, phase: str):
 
 
 # --- the custom ops -------------------------------------------------------------------------------
-# Argument lists: ints = [growth_rate, num_layers, has_transition, memory_efficient, sync group or -1];
-# per norm: eps, momentum (nan: None), batch_stats, update, has_running; running holds (mean, var,
-# num_batches_tracked) for each norm with has_running; absent tensors are empty placeholders.
+# Arguments: the stage as ``ints`` and ``floats`` (block_algorithm.encode writes them, decode reads
+# them back, cached); ``params`` with empty placeholders for absent BN weights and biases;
+# ``running`` the running (mean, var) of each BN that normalizes with them (eval mode).
 
 
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
+def _batch_sync(spec: algo.StageSpec, x: Tensor) -> Optional[BatchSync]:
+    if spec.group_index < 0:
+        return None
+    n, _, h, w = x.shape
+    return BatchSync(_PROCESS_GROUPS[spec.group_index], n * h * w, x.device)
 
 
-def _spec(ints, eps, momentum, batch_stats, update, has_running, running, drop_rates, local_count, device):
-    growth_rate, num_layers, has_transition, memory_efficient, group_index = ints
-    norms, r = [], 0
-    for i in range(len(eps)):
-        run = None
-        if has_running[i]:
-            run = (running[r], running[r + 1], _none_if_empty(running[r + 2]))
-            r += 3
-        norms.append(algo.NormSpec(eps[i], None if math.isnan(momentum[i]) else momentum[i], batch_stats[i],
-                                   update[i], run))
-    sync = BatchSync(_PROCESS_GROUPS[group_index], local_count, device) if group_index >= 0 else None
-    return algo.StageSpec(growth_rate, num_layers, bool(has_transition), norms, list(drop_rates),
-                          bool(memory_efficient), sync)
+def _casts_weights(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    """Whether the conv weights (4-D) need a cast to the activations' dtype (under autocast)."""
+    return any(p.dim() == 4 and p.dtype != dtype for p in params)
 
 
-def _op_params(params: list[Tensor], dtype: torch.dtype) -> list[Optional[Tensor]]:
-    """Parameters as the algorithm takes them: conv weights (4-D) in the activations' dtype."""
-    return [None if _none_if_empty(p) is None else (p.to(dtype) if p.dim() == 4 else p) for p in params]
+def _op_params(spec: algo.StageSpec, params: Sequence[Tensor],
+               weights: Sequence[Tensor] = ()) -> list[Optional[Tensor]]:
+    """Parameters as the algorithm takes them: None for absent BN parameters, conv weights
+    replaced by ``weights`` (their casts) when given."""
+    out: list[Optional[Tensor]] = list(params)
+    for j in range(len(spec.eps)):
+        base = algo.PARAMS_PER_LAYER * (j // 2) + (3 * (j % 2) if j < 2 * spec.num_layers else 0)
+        if not spec.has_weight[j]:
+            out[base] = None
+        if not spec.has_bias[j]:
+            out[base + 1] = None
+    if weights:
+        convs = iter(weights)
+        out = [next(convs) if p is not None and p.dim() == 4 else p for p in out]
+    return out
 
 
 @torch.library.custom_op("densenet_fast::dense_stage", mutates_args=())
 def _dense_stage_op(
-    x: Tensor, params: list[Tensor], running: list[Tensor], ints: list[int], eps: list[float],
-    momentum: list[float], batch_stats: list[bool], update: list[bool], has_running: list[bool],
-    drop_rates: list[float], for_backward: bool, backend: str, name: str,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns (output, buffer or empty, channel means, BN coefficients, masks, bottlenecks, new running stats)."""
-    n, _, h, w = x.shape
-    spec = _spec(ints, eps, momentum, batch_stats, update, has_running, running, drop_rates, n * h * w, x.device)
-    out, saved, new_running = algo.forward(backend_named(backend), x, spec, _op_params(params, x.dtype), for_backward)
+    x: Tensor, params: list[Tensor], running: list[Tensor], ints: list[int], floats: list[float],
+    for_backward: bool, backend: str, name: str,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns (output, buffer or empty, packed numbers, masks, bottlenecks, cast conv weights).
+
+    The packed numbers (block_algorithm's Layout) hold the stage's batch statistics, from which the
+    caller updates the running stats, and the BN coefficients backward reads. Conv weights cast to
+    the activations' dtype (autocast) come back so that backward does not cast them again.
+    """
+    spec = algo.decode(ints, floats)
+    weights = [p.to(x.dtype) for p in params if p.dim() == 4] if _casts_weights(params, x.dtype) else []
+    out, saved, packed = algo.forward(backend_named(backend), x, spec, _op_params(spec, params, weights), running,
+                                      _batch_sync(spec, x), for_backward)
     empty = x.new_empty(0)
     if saved is None:
-        return out, empty, x.new_empty(0, dtype=stats_dtype(x.dtype)), [], [], [], new_running
-    # Outputs may alias neither inputs nor each other: the small per-channel tensors are cloned.
+        return out, empty, packed, [], [], []
     buf = saved.buf if (spec.num_layers > 0 and spec.has_transition) else empty
-    coefs = [t.clone() for bn in saved.coefs for t in bn]
-    masks = [empty.clone() if m is None else m for m in saved.masks]
-    bottlenecks = [empty.clone() if z is None else z for z in saved.bottlenecks]
-    return out, buf, saved.mean, coefs, masks, bottlenecks, new_running
+    return out, buf, packed, saved.masks, saved.bottlenecks, weights if for_backward else []
 
 
 @_dense_stage_op.register_fake
-def _(x, params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates, for_backward, backend,
-      name):
-    growth_rate, num_layers, has_transition, memory_efficient, _ = ints
-    n, c0, h, w = x.shape
-    channels = c0 + num_layers * growth_rate
+def _(x, params, running, ints, floats, for_backward, backend, name):
+    spec = algo.decode(ints, floats)
+    n, _, h, w = x.shape
     fmt, sdt = memory_format(x), stats_dtype(x.dtype)
-    buf_shape = (n, channels, h, w)
-    if has_transition:
+    buf_shape = (n, spec.channels, h, w)
+    if spec.has_transition:
         out = x.new_empty((n, params[-1].shape[0], h // 2, w // 2)).contiguous(memory_format=fmt)
     else:
         out = x.new_empty(buf_shape).contiguous(memory_format=fmt)
-    new_running, r = [], 0
-    for i in range(len(eps)):
-        if has_running[i]:
-            if batch_stats[i] and update[i]:
-                new_running += [torch.empty_like(t) for t in running[r:r + 3] if t.numel()]
-            r += 3
+    packed = x.new_empty(spec.layout.size, dtype=sdt)
     empty = x.new_empty(0)
     if not for_backward:
-        return out, empty, x.new_empty(0, dtype=sdt), [], [], [], new_running
-    buf = x.new_empty(buf_shape).contiguous(memory_format=fmt) if (num_layers and has_transition) else empty
-    coefs = []
-    for i in range(len(eps)):
-        bottleneck = params[algo.PARAMS_PER_LAYER * (i // 2) + 2].shape[0] if i < 2 * num_layers else 0
-        width = (c0 + (i // 2) * growth_rate if i % 2 == 0 else bottleneck) if i < 2 * num_layers else channels
-        coefs += [x.new_empty(width, dtype=sdt) for _ in range(4)]
-    masks = [x.new_empty((n, growth_rate, h, w)) if p > 0 else x.new_empty(0) for p in drop_rates]
-    bottlenecks = [x.new_empty((n, params[algo.PARAMS_PER_LAYER * i + 2].shape[0], h, w)) if not memory_efficient
-                   else x.new_empty(0) for i in range(num_layers)]
-    masks = [m.to(torch.bool) if m.numel() else m for m in masks]
-    return out, buf, x.new_empty(channels, dtype=sdt), coefs, masks, bottlenecks, new_running
+        return out, empty, packed, [], [], []
+    buf = x.new_empty(buf_shape).contiguous(memory_format=fmt) if (spec.num_layers and spec.has_transition) else empty
+    masks = [x.new_empty((n, spec.growth_rate, h, w), dtype=torch.bool) for p in spec.drop_rates if p > 0]
+    bottlenecks = [] if spec.memory_efficient else [x.new_empty((n, b, h, w)) for b in spec.bottlenecks]
+    weights = [torch.empty_like(p, dtype=x.dtype) for p in params if p.dim() == 4] \
+        if _casts_weights(params, x.dtype) else []
+    return out, buf, packed, masks, bottlenecks, weights
 
 
 @torch.library.custom_op("densenet_fast::dense_stage_backward", mutates_args=())
 def _dense_stage_backward_op(
-    grad_out: Tensor, buf: Tensor, mean: Tensor, coefs: list[Tensor], masks: list[Tensor],
-    bottlenecks: list[Tensor], params: list[Tensor], ints: list[int], batch_stats: list[bool],
-    drop_rates: list[float], in_channels: int, channels_last: bool, needs: list[bool], x_needs: bool, backend: str,
+    grad_out: Tensor, buf: Tensor, packed: Tensor, masks: list[Tensor], bottlenecks: list[Tensor],
+    params: list[Tensor], weights: list[Tensor], ints: list[int], floats: list[float], channels_last: bool,
+    needs: list[bool], x_needs: bool, backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     """Returns (grad of the stage input, grads of params), with empty tensors for what is not needed."""
-    n, _, h, w = buf.shape
-    num = len(batch_stats)
-    spec = _spec(ints, [0.0] * num, [0.0] * num, batch_stats, [False] * num, [False] * num, [], drop_rates,
-                 n * h * w, buf.device)
-    saved = algo.Saved(buf, mean, [algo.BNCoefs(*coefs[i:i + 4]) for i in range(0, len(coefs), 4)],
-                       [_none_if_empty(m) for m in masks], [_none_if_empty(z) for z in bottlenecks])
+    spec = algo.decode(ints, floats)
+    saved = algo.Saved(buf, packed, masks, bottlenecks)
     x_format = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x, grads = algo.backward(backend_named(backend), spec, saved, grad_out, in_channels, x_format,
-                                  _op_params(params, buf.dtype), needs, x_needs)
-    empty = buf.new_empty(0)
-    return (empty if grad_x is None else grad_x,
-            [empty.clone() if g is None else g.to(p.dtype) for g, p in zip(grads, params)])
+    grad_x, grads = algo.backward(backend_named(backend), spec, saved, grad_out, x_format,
+                                  _op_params(spec, params, weights), needs, x_needs, _batch_sync(spec, buf))
+    return (buf.new_empty(0) if grad_x is None else grad_x,
+            [buf.new_empty(0) if g is None else (g if g.dtype == p.dtype else g.to(p.dtype))
+             for g, p in zip(grads, params)])
 
 
 @_dense_stage_backward_op.register_fake
-def _(grad_out, buf, mean, coefs, masks, bottlenecks, params, ints, batch_stats, drop_rates, in_channels,
-      channels_last, needs, x_needs, backend):
+def _(grad_out, buf, packed, masks, bottlenecks, params, weights, ints, floats, channels_last, needs, x_needs,
+      backend):
     n, _, h, w = buf.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = buf.new_empty((n, in_channels, h, w)).contiguous(memory_format=fmt) if x_needs else buf.new_empty(0)
+    c0 = algo.decode(ints, floats).in_channels
+    grad_x = buf.new_empty((n, c0, h, w)).contiguous(memory_format=fmt) if x_needs else buf.new_empty(0)
     return grad_x, [torch.empty_like(p) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates, for_backward,
-     backend, name) = inputs
-    out, buf, mean, coefs, masks, bottlenecks, new_running = output
-    num_layers, has_transition = ints[1], ints[2]
-    kept = x if num_layers == 0 else (buf if has_transition else out)
+    x, params, running, ints, floats, for_backward, backend, name = inputs
+    out, buf, packed, masks, bottlenecks, weights = output
+    spec = algo.decode(ints, floats)
+    kept = x if spec.num_layers == 0 else (buf if spec.has_transition else out)
     # x itself, for a double backward (stage_autograd.py): saved as a view of the buffer's first
     # channels, which hold its values, so it costs no memory and stays x to autograd.
     # Compiled graphs do not double-backward: they keep no x (a placeholder says so).
     x_saved = x.new_empty(0) if torch.compiler.is_compiling() and kept is not x else x
     with stage_autograd.saved_as_buffer_prefix(x_saved, kept):
-        ctx.save_for_backward(kept, mean, *coefs, *masks, *bottlenecks, *params, x_saved)
-    ctx.mark_non_differentiable(buf, mean, *coefs, *masks, *bottlenecks, *new_running)
+        ctx.save_for_backward(kept, packed, *masks, *bottlenecks, *params, *weights, x_saved)
+    ctx.mark_non_differentiable(buf, packed, *masks, *bottlenecks, *weights)
     ctx.set_materialize_grads(False)  # else autograd allocates zero grads as large as the buffer
-    ctx.sizes = (len(coefs), len(masks), len(bottlenecks), len(params), len(running))
-    ctx.args = (ints, batch_stats, drop_rates, x.shape[1], memory_format(x) == torch.channels_last, backend)
+    ctx.sizes = (len(masks), len(bottlenecks), len(params), len(running))
+    ctx.args = (ints, floats, memory_format(x) == torch.channels_last, backend)
     ctx.name = name
     # Gradients mirror the inputs' structure; torch.library treats an empty list as a list, not a leaf.
     ctx.no_grads = tuple([] if isinstance(a, list) and not a else None for a in inputs[3:])
     ctx.needs = [p.requires_grad for p in params]
     ctx.x_needs = x.requires_grad
-    # For a double backward: the math's own settings, and the running stats of the BNs that read them.
-    ctx.eps, ctx.batch_stats = eps, batch_stats
-    ctx.eval_running = stage_autograd.eval_running_stats(running, has_running, batch_stats)
+    # For a double backward: the running stats of the BNs that read them.
+    ctx.eval_running = stage_autograd.eval_running_stats(running, spec.batch_stats)
 
 
 def _backward(ctx, grad_out, *unused_grads):
-    n_coefs, n_masks, n_bottlenecks, n_params, n_running = ctx.sizes
+    n_masks, n_bottlenecks, n_params, n_running = ctx.sizes
     if grad_out is None:  # grads are not materialized: the output got none
         return (None, [None] * n_params, [None] * n_running) + ctx.no_grads
     saved = ctx.saved_tensors
-    kept, mean, x = saved[0], saved[1], saved[-1]
+    kept, packed, x = saved[0], saved[1], saved[-1]
     rest = saved[2:-1]
-    coefs, rest = list(rest[:n_coefs]), rest[n_coefs:]
     masks, rest = list(rest[:n_masks]), rest[n_masks:]
-    bottlenecks, params = list(rest[:n_bottlenecks]), list(rest[n_bottlenecks:])
-    ints, batch_stats, drop_rates, in_channels, channels_last, backend = ctx.args
+    bottlenecks, rest = list(rest[:n_bottlenecks]), rest[n_bottlenecks:]
+    params, weights = list(rest[:n_params]), list(rest[n_params:])
+    ints, floats, channels_last, backend = ctx.args
     if torch.is_grad_enabled():
         # create_graph=True (a gradient penalty, double backward): the gradients through the stage's
         # math in differentiable ops, recomputed from the same inputs and dropout masks.
-        if ints[4] >= 0:
+        spec = algo.decode(ints, floats)
+        if spec.group_index >= 0:
             raise NotImplementedError(f"double backward through {ctx.name} with synchronized BatchNorm is not "
                                       "supported (torch.nn.SyncBatchNorm does not support it either)")
         inputs = ([x] if ctx.x_needs else []) + [p for p, need in zip(params, ctx.needs) if need]
-        out = stage_autograd.stage_forward(x, params, ints[1], bool(ints[2]), ctx.eps, ctx.batch_stats,
-                                           ctx.eval_running, drop_rates, masks)
+        all_masks = iter(masks)
+        layer_masks = [next(all_masks) if p > 0 else None for p in spec.drop_rates]
+        out = stage_autograd.stage_forward(x, params, spec.num_layers, spec.has_transition, spec.eps,
+                                           spec.batch_stats, ctx.eval_running, spec.drop_rates, layer_masks)
         found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
         grad_x = next(found) if ctx.x_needs else None
         grads = [next(found) if need else None for need in ctx.needs]
         return (grad_x, grads, [None] * n_running) + ctx.no_grads
     with _out_of_memory_names(ctx.name, kept, "backward"):
         grad_x, grads = torch.ops.densenet_fast.dense_stage_backward(
-            grad_out.contiguous(memory_format=memory_format(grad_out)), kept, mean, coefs, masks, bottlenecks,
-            params, ints, batch_stats, drop_rates, in_channels, channels_last, ctx.needs, ctx.x_needs, backend)
+            grad_out.contiguous(memory_format=memory_format(grad_out)), kept, packed, masks, bottlenecks,
+            params, weights, ints, floats, channels_last, ctx.needs, ctx.x_needs, backend)
     grads = [g if need else None for g, need in zip(grads, ctx.needs)]
     return (grad_x if ctx.x_needs else None, grads, [None] * n_running) + ctx.no_grads
 
@@ -281,9 +274,8 @@ def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], au
         raise ValueError(f"a transition pools 2x2: expected H and W of at least 2, got {tuple(x.shape[2:])}")
 
 
-def _group_index(stage: Stage) -> int:
-    batch = any(_uses_batch_stats(n) for n in stage.norms())
-    sync, group = active_group(stage.sync_batchnorm and batch, stage.process_group)
+def _group_index(stage: Stage, batch_stats: Sequence[bool]) -> int:
+    sync, group = active_group(stage.sync_batchnorm and any(batch_stats), stage.process_group)
     if not sync:
         return -1
     for i, known in enumerate(_PROCESS_GROUPS):
@@ -291,6 +283,31 @@ def _group_index(stage: Stage) -> int:
             return i
     _PROCESS_GROUPS.append(group)
     return len(_PROCESS_GROUPS) - 1
+
+
+def _encode(stage: Stage, norms: Sequence[nn.BatchNorm2d]) -> tuple[list[int], list[float], list[Tensor]]:
+    """The op's (ints, floats, running) for ``stage``: the one place a stage becomes op arguments."""
+    batch_stats = [_uses_batch_stats(n) for n in norms]
+    ints, floats = algo.encode(
+        stage.in_channels, stage.growth_rate, len(stage.layers), stage.transition is not None,
+        stage.memory_efficient, _group_index(stage, batch_stats), [layer.conv1.out_channels for layer in stage.layers],
+        [float(n.eps) for n in norms], batch_stats, [n.weight is not None for n in norms],
+        [n.bias is not None for n in norms],
+        [float(layer.drop_rate) if layer.training else 0.0 for layer in stage.layers])
+    running = [t for n, batch in zip(norms, batch_stats) if not batch for t in (n.running_mean, n.running_var)]
+    return ints, floats, running
+
+
+def _update_running_stats(norms: Sequence[nn.BatchNorm2d], spec: algo.StageSpec, packed: Tensor) -> None:
+    """Every running stat of the stage from the op's packed batch statistics: a few _foreach ops."""
+    updated = [j for j, n in enumerate(norms)
+               if spec.batch_stats[j] and n.training and n.track_running_stats and n.running_mean is not None]
+    if not updated:
+        return
+    with torch.no_grad():
+        algo.update_running_stats(
+            [(norms[j].running_mean, norms[j].running_var, norms[j].num_batches_tracked) for j in updated],
+            [norms[j].momentum for j in updated], [algo.batch_stats_of(packed, spec.layout, j) for j in updated])
 
 
 def dense_stage(x: Tensor, stage: Stage) -> Tensor:
@@ -307,35 +324,15 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     if cast is not None:
         x = x.to(cast)
     norms = stage.norms()
-    running = []
-    has_running = [norm.running_mean is not None for norm in norms]
-    for norm in norms:
-        if norm.running_mean is not None:
-            nbt = norm.num_batches_tracked
-            running += [norm.running_mean, norm.running_var, nbt if nbt is not None else x.new_empty(0)]
-    batch_stats = [_uses_batch_stats(n) for n in norms]
-    update = [n.training and n.track_running_stats and n.running_mean is not None for n in norms]
-    drop_rates = [float(layer.drop_rate) if layer.training else 0.0 for layer in stage.layers]
-    ints = [stage.growth_rate, len(stage.layers), int(stage.transition is not None), int(stage.memory_efficient),
-            _group_index(stage)]
-    eps = [float(n.eps) for n in norms]
-    momentum = [float("nan") if n.momentum is None else float(n.momentum) for n in norms]
+    ints, floats, running = _encode(stage, norms)
     placeholder = x.new_empty(0)
     op_params = [placeholder if p is None else p for p in params]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in op_params))
     # The op casts for itself; autocast inside would re-cast every call (and rejects out=).
     with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage.name, x, "forward"):
-        out, *_, new_running = torch.ops.densenet_fast.dense_stage(
-            x, op_params, running, ints, eps, momentum, batch_stats, update, has_running, drop_rates,
-            needs_grad, backend_name_for(x.device, x.dtype), stage.name)
-    with torch.no_grad():
-        new = iter(new_running)
-        for norm, updated in zip(norms, update):
-            if updated:
-                norm.running_mean.copy_(next(new))
-                norm.running_var.copy_(next(new))
-                if norm.num_batches_tracked is not None:
-                    norm.num_batches_tracked.copy_(next(new))
+        out, _, packed, *_ = torch.ops.densenet_fast.dense_stage(
+            x, op_params, running, ints, floats, needs_grad, backend_name_for(x.device, x.dtype), stage.name)
+    _update_running_stats(norms, algo.decode(ints, floats), packed)
     return out
 
 
@@ -350,9 +347,9 @@ def _conv_flops(n: int, h: int, w: int, c_in: int, c_out: int, kernel: int) -> i
     return 2 * n * h * w * c_in * c_out * kernel * kernel
 
 
-def _stage_convs(x_shape, params_shapes, ints) -> list[tuple[int, int, int, int]]:
+def _stage_convs(x_shape, params_shapes, spec: algo.StageSpec) -> list[tuple[int, int, int, int]]:
     """(param index of the weight, c_in, c_out, kernel) of every conv of the stage, in order."""
-    growth_rate, num_layers, has_transition = ints[0], ints[1], ints[2]
+    growth_rate, num_layers, has_transition = spec.growth_rate, spec.num_layers, spec.has_transition
     convs, c = [], x_shape[1]
     for i in range(num_layers):
         base = algo.PARAMS_PER_LAYER * i
@@ -364,17 +361,18 @@ def _stage_convs(x_shape, params_shapes, ints) -> list[tuple[int, int, int, int]
     return convs
 
 
-def _dense_stage_flops(x_shape, params_shapes, running, ints, *args, **kwargs) -> int:
+def _dense_stage_flops(x_shape, params_shapes, running, ints, floats, *args, **kwargs) -> int:
     n, _, h, w = x_shape
-    return sum(_conv_flops(n, h, w, c_in, c_out, k) for _, c_in, c_out, k in _stage_convs(x_shape, params_shapes, ints))
+    convs = _stage_convs(x_shape, params_shapes, algo.decode(ints, floats))
+    return sum(_conv_flops(n, h, w, c_in, c_out, k) for _, c_in, c_out, k in convs)
 
 
-def _dense_stage_backward_flops(grad_out_shape, buf_shape, mean, coefs, masks, bottlenecks, params_shapes, ints,
-                                batch_stats, drop_rates, in_channels, channels_last, needs, x_needs, *args,
-                                **kwargs) -> int:
+def _dense_stage_backward_flops(grad_out_shape, buf_shape, packed, masks, bottlenecks, params_shapes, weights, ints,
+                                floats, channels_last, needs, x_needs, *args, **kwargs) -> int:
     n, _, h, w = buf_shape
+    spec = algo.decode(ints, floats)
     total, upstream = 0, x_needs  # whether a conv's input depends on something that needs a gradient
-    for index, c_in, c_out, k in _stage_convs((n, in_channels, h, w), params_shapes, ints):
+    for index, c_in, c_out, k in _stage_convs((n, spec.in_channels, h, w), params_shapes, spec):
         if index % algo.PARAMS_PER_LAYER in (2, 5):  # the BN before this conv: its weight and bias
             upstream = upstream or needs[index - 2] or needs[index - 1]
         flops = _conv_flops(n, h, w, c_in, c_out, k)

@@ -3,10 +3,11 @@
 Forward
     One feature buffer N x (C0 + L*k) x H x W per block. The block input is copied into its first C0
     channels and every layer writes its k new channels into its own slice: no torch.cat. The batch
-    mean and variance of a buffer channel are computed once, when the channel is written, and reused
-    by every later BN that reads it (each with its own weight, bias, eps and running stats). Kept
-    for backward: the buffer, the per-channel statistics, the small per-BN coefficients, dropout's
-    masks, and each bottleneck only with memory_efficient=False.
+    mean, variance and inverse standard deviation of a buffer channel are computed once, when the
+    channel is written, and reused by every later BN that reads it (each with its own weight, bias
+    and running stats; one with another eps takes its own invstd). Kept for backward: the buffer, the
+    stage's packed per-channel numbers (below), dropout's masks, and each bottleneck only with
+    memory_efficient=False.
 
 Backward
     One gradient buffer G of the block's size. Layers are walked in reverse; each recomputes its
@@ -14,18 +15,28 @@ Backward
     batch statistics is linear in dy with per-channel coefficients,
 
         dx = scale * dy + coef_x * (x - mean) + coef_c,
-        coef_x = -scale * invstd * sum(dy * xhat) / M,   coef_c = -scale * sum(dy) / M,
+        coef_x = -scale * invstd**2 * sum(dy * (x - mean)) / M,   coef_c = -scale * sum(dy) / M,
 
     so the coefficients of every BN that read a channel are summed and applied to G once, when the
-    walk reaches the layer that wrote the channel (all of its readers are done by then).
+    walk reaches the layer that wrote the channel (all of its readers are done by then). The factors
+    ``-scale * invstd**2 / M`` and ``-scale / M`` of every BN come from a few ``_foreach`` ops per stage.
 
-Everything here is plain data: a :class:`StageSpec` of numbers and tensors (no modules), so the
-whole stage can run as one registered custom op (``block.py``). Tensor arithmetic goes through the
-backend's op interface (``ops/interface.py``); this module only does per-channel bookkeeping.
+Packed numbers
+    Everything per channel of a stage lives in one flat tensor (:class:`Layout` says where): the batch
+    mean, the unbiased batch variance (what running stats take) and invstd of every buffer channel and
+    every bottleneck channel, then each BN's scale and shift, and a center/invstd of its own for a BN
+    that normalizes with running stats (or with an eps other than the buffer's). The op returns it
+    whole: backward takes views of it and the caller updates every running stat of the stage from it.
+
+Everything here is plain data: a :class:`StageSpec` of numbers (no modules), decoded once from the
+custom op's argument lists (``decode``), so the whole stage can run as one registered op
+(``block.py``). Tensor arithmetic goes through the backend's op interface (``ops/interface.py``);
+this module only does per-channel bookkeeping.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -35,31 +46,121 @@ from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 # then the transition's norm.weight, norm.bias, conv.weight
+_HEADER = 6  # ints: in_channels, growth_rate, num_layers, has_transition, memory_efficient, sync group or -1
+_BATCH_STATS, _HAS_WEIGHT, _HAS_BIAS = 1, 2, 4  # per-norm flag bits
 
 
-class NormSpec(NamedTuple):
-    """One BatchNorm2d as the algorithm needs it."""
+class Slots(NamedTuple):
+    """Where one BN's numbers sit in the packed tensor (offsets of ``width`` entries each)."""
 
-    eps: float
-    momentum: Optional[float]  # None: cumulative average
-    batch_stats: bool  # normalize with batch statistics (training, or no running stats kept)
-    update: bool  # update running stats (training with track_running_stats)
-    running: Optional[tuple[Tensor, Tensor, Optional[Tensor]]]  # running mean, var, num_batches_tracked
+    width: int
+    stats: int  # its batch mean; the unbiased variance and invstd rows follow at the same place
+    scale: int
+    shift: int
+    center: int  # = stats when it normalizes with batch statistics, else its own copy of the running mean
+    invstd: int  # the shared one of its channels, or its own
+    own_invstd: bool  # computes invstd itself (a bottleneck's BN, another eps, running stats)
+
+
+class Layout(NamedTuple):
+    size: int  # entries of the packed tensor
+    stats_width: int  # C + sum of bottleneck widths: one row each of mean, unbiased var, invstd
+    channel_eps: Optional[float]  # the eps of the buffer channels' shared invstd (None: none computed)
+    norms: tuple[Slots, ...]
 
 
 class StageSpec(NamedTuple):
+    in_channels: int
     growth_rate: int
     num_layers: int
     has_transition: bool
-    norms: list[NormSpec]  # layer i: norms[2i] (norm1) and norms[2i+1] (norm2); then the transition's
-    drop_rates: list[float]  # per layer, 0 where dropout is off (eval mode)
     memory_efficient: bool  # False keeps each bottleneck instead of recomputing it in backward
-    sync: Optional[BatchSync]  # synchronized statistics across processes, or None
+    group_index: int  # process group of synchronized statistics, or -1
+    bottlenecks: tuple[int, ...]  # per layer: conv1's output channels
+    eps: tuple[float, ...]  # per norm: layer i has norms 2i (norm1) and 2i+1 (norm2), then the transition's
+    batch_stats: tuple[bool, ...]  # per norm: normalizes with batch statistics (training, or no running stats)
+    has_weight: tuple[bool, ...]
+    has_bias: tuple[bool, ...]
+    drop_rates: tuple[float, ...]  # per layer, 0 where dropout is off (eval mode)
+    layout: Layout
+
+    @property
+    def channels(self) -> int:
+        return self.in_channels + self.num_layers * self.growth_rate
 
     def reads_batch_stats(self) -> bool:
         """Whether any BN reading the buffer (every norm1, the transition's) uses batch statistics."""
-        readers = self.norms[0::2][:self.num_layers] + (self.norms[-1:] if self.has_transition else [])
-        return any(n.batch_stats for n in readers)
+        readers = self.batch_stats[0::2][:self.num_layers] + (self.batch_stats[-1:] if self.has_transition else ())
+        return any(readers)
+
+    def batch_norms(self) -> list[int]:
+        return [j for j, b in enumerate(self.batch_stats) if b]
+
+    def width(self, j: int) -> int:
+        """Channels of norm ``j``."""
+        if j >= 2 * self.num_layers:
+            return self.channels
+        return self.in_channels + (j // 2) * self.growth_rate if j % 2 == 0 else self.bottlenecks[j // 2]
+
+
+def encode(in_channels: int, growth_rate: int, num_layers: int, has_transition: bool, memory_efficient: bool,
+           group_index: int, bottlenecks: Sequence[int], eps: Sequence[float], batch_stats: Sequence[bool],
+           has_weight: Sequence[bool], has_bias: Sequence[bool],
+           drop_rates: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The op's (ints, floats) arguments: the one encoding of a stage, read back by :func:`decode`."""
+    flags = [_BATCH_STATS * b + _HAS_WEIGHT * w + _HAS_BIAS * c for b, w, c in zip(batch_stats, has_weight, has_bias)]
+    ints = [in_channels, growth_rate, num_layers, int(has_transition), int(memory_efficient), group_index]
+    return ints + list(bottlenecks) + flags, list(eps) + list(drop_rates)
+
+
+def decode(ints: Sequence[int], floats: Sequence[float]) -> StageSpec:
+    """The StageSpec that :func:`encode` wrote (cached: a stage decodes the same way every step)."""
+    if torch.compiler.is_compiling():  # traced once into the graph; dynamo warns about caches
+        return _decode_uncached(tuple(ints), tuple(floats))
+    return _decode(tuple(ints), tuple(floats))
+
+
+def _decode_uncached(ints: tuple[int, ...], floats: tuple[float, ...]) -> StageSpec:
+    c0, k, num_layers, has_transition, memory_efficient, group_index = ints[:_HEADER]
+    bottlenecks = ints[_HEADER:_HEADER + num_layers]
+    flags = ints[_HEADER + num_layers:]
+    num_norms = len(flags)
+    if num_norms != 2 * num_layers + has_transition or len(floats) != num_norms + num_layers:
+        raise ValueError(f"malformed dense_stage arguments: {len(flags)} norms, {len(floats)} floats for "
+                         f"{num_layers} layers{' and a transition' if has_transition else ''}")
+    eps = floats[:num_norms]
+    batch_stats = tuple(bool(f & _BATCH_STATS) for f in flags)
+    spec = StageSpec(c0, k, num_layers, bool(has_transition), bool(memory_efficient), group_index, bottlenecks,
+                     eps, batch_stats, tuple(bool(f & _HAS_WEIGHT) for f in flags),
+                     tuple(bool(f & _HAS_BIAS) for f in flags), floats[num_norms:], None)
+    return spec._replace(layout=_layout(spec))
+
+
+_decode = functools.lru_cache(maxsize=256)(_decode_uncached)
+
+
+def _layout(spec: StageSpec) -> Layout:
+    channels = spec.channels
+    stats_width = channels + sum(spec.bottlenecks)
+    readers = [j for j in range(len(spec.eps)) if (j % 2 == 0 or j == 2 * spec.num_layers) and spec.batch_stats[j]]
+    channel_eps = spec.eps[readers[0]] if readers else None
+    size = 3 * stats_width
+    norms, bottleneck_offset = [], channels
+    for j, eps in enumerate(spec.eps):
+        width = spec.width(j)
+        reads_buffer = j % 2 == 0 or j == 2 * spec.num_layers
+        stats = 0 if reads_buffer else bottleneck_offset
+        if not reads_buffer:
+            bottleneck_offset += width
+        scale, shift, size = size, size + width, size + 2 * width
+        center, invstd = stats, 2 * stats_width + stats
+        own_invstd = not spec.batch_stats[j] or not reads_buffer or eps != channel_eps
+        if not spec.batch_stats[j]:
+            center, size = size, size + width
+        if own_invstd and (reads_buffer or not spec.batch_stats[j]):
+            invstd, size = size, size + width
+        norms.append(Slots(width, stats, scale, shift, center, invstd, own_invstd))
+    return Layout(size, stats_width, channel_eps, tuple(norms))
 
 
 class BNCoefs(NamedTuple):
@@ -71,86 +172,162 @@ class BNCoefs(NamedTuple):
     invstd: Tensor
 
 
+def coefs_of(packed: Tensor, slots: Slots) -> BNCoefs:
+    """Views of one BN's numbers in the packed tensor."""
+    w = slots.width
+    return BNCoefs(packed[slots.scale:slots.scale + w], packed[slots.shift:slots.shift + w],
+                   packed[slots.center:slots.center + w], packed[slots.invstd:slots.invstd + w])
+
+
+def batch_stats_of(packed: Tensor, layout: Layout, j: int) -> tuple[Tensor, Tensor]:
+    """Norm ``j``'s batch mean and unbiased batch variance: views of the packed tensor."""
+    s = layout.norms[j]
+    return packed[s.stats:s.stats + s.width], packed[layout.stats_width + s.stats:][:s.width]
+
+
 class Saved(NamedTuple):
     """What backward needs from forward."""
 
     buf: Tensor
-    mean: Tensor
-    coefs: list[BNCoefs]  # per norm, in StageSpec.norms order
-    masks: list[Optional[Tensor]]  # per layer: dropout keep-mask
-    bottlenecks: list[Optional[Tensor]]  # per layer: kept conv1 output (memory_efficient=False)
+    packed: Tensor  # the stage's packed numbers (see the module docstring)
+    masks: list[Tensor]  # dropout keep-masks of the layers with dropout on
+    bottlenecks: list[Tensor]  # kept conv1 outputs (memory_efficient=False), else empty
 
 
-def _new_running_stats(norm: NormSpec, mean: Tensor, var: Tensor, count: int) -> list[Tensor]:
-    """torch.nn.BatchNorm's update, as new tensors: unbiased variance, momentum or cumulative average."""
-    rm, rv, nbt = norm.running
-    new_nbt = None if nbt is None else nbt + 1
-    if norm.momentum is not None:
-        factor = norm.momentum
-    else:  # torch's cumulative average; without num_batches_tracked torch leaves the stats as they are
-        factor = 0.0 if new_nbt is None else 1.0 / float(new_nbt)
-    new_rm = rm * (1.0 - factor) + mean.to(rm.dtype) * factor
-    new_rv = rv * (1.0 - factor) + (var * (count / (count - 1))).to(rv.dtype) * factor
-    return [new_rm, new_rv] + ([] if new_nbt is None else [new_nbt])
+Count = Union[int, Tensor]  # values per channel: a Python int, or a tensor when summed over processes
 
 
-def _normalize(norm: NormSpec, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
-               var: Optional[Tensor], count: int, sdt: torch.dtype, new_running: list[Tensor]) -> BNCoefs:
-    """The BN's coefficients over its channels; appends its updated running stats to ``new_running``."""
-    if norm.batch_stats:
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {count} (batch x height x width)"
-            )
-        if norm.update:
-            new_running += _new_running_stats(norm, mean, var, count)
+def update_running_stats(running: Sequence[tuple[Tensor, Tensor, Optional[Tensor]]],
+                         momenta: Sequence[Optional[float]], batch: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """torch.nn.BatchNorm's running-stats update of several BNs in place, with no host sync.
+
+    ``running`` holds each BN's (running_mean, running_var, num_batches_tracked or None), ``batch``
+    its batch mean and *unbiased* batch variance. num_batches_tracked counts up; momentum None is
+    torch's cumulative average with factor 1 / num_batches_tracked (a tensor: nothing is read back),
+    and without num_batches_tracked torch's factor 0.
+    """
+    counted = [nbt for _, _, nbt in running if nbt is not None]
+    if counted:
+        torch._foreach_add_(counted, 1)
+    fixed = [i for i, (m, r) in enumerate(zip(momenta, running)) if m is not None or r[2] is None]
+    cumulative = sorted(set(range(len(running))) - set(fixed))
+    for group, weights in ((fixed, [0.0 if momenta[i] is None else float(momenta[i]) for i in fixed]),
+                           (cumulative, _cumulative_factors([running[i] for i in cumulative]))):
+        if not group:
+            continue
+        targets = [t for i in group for t in running[i][:2]]
+        sources = [s.to(t.dtype) if s.dtype != t.dtype else s
+                   for i in group for s, t in zip(batch[i], running[i][:2])]
+        torch._foreach_lerp_(targets, sources, [w for w in weights for _ in range(2)])
+
+
+def _cumulative_factors(running: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
+    """1 / num_batches_tracked of each BN, as 0-dim tensors of its running stats' dtype."""
+    if not running:
+        return []
+    dtype = running[0][0].dtype
+    factors = torch.stack([nbt for _, _, nbt in running]).to(dtype).reciprocal_()
+    return [f if r[0].dtype == dtype else f.to(r[0].dtype) for f, r in zip(factors.unbind(), running)]
+
+
+def _rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
+    """out = rsqrt(var + eps), in out's dtype (the statistics dtype)."""
+    if var.dtype == out.dtype:
+        torch.add(var, eps, out=out)
     else:
-        mean, var = norm.running[0].to(sdt), norm.running[1].to(sdt)
-    invstd = torch.rsqrt(var + norm.eps)
-    scale = invstd if weight is None else weight.to(sdt) * invstd
-    shift = -mean * scale if bias is None else bias.to(sdt) - mean * scale
-    return BNCoefs(scale, shift, mean, invstd)
+        out.copy_(var)
+        out.add_(eps)
+    out.rsqrt_()
+
+
+def _normalize(packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
+               mean: Tensor, var: Optional[Tensor], running: Optional[tuple[Tensor, Tensor]]) -> BNCoefs:
+    """Writes one BN's scale and shift (and its own center and invstd) into ``packed``.
+
+    ``mean``/``var``: its batch statistics (``var`` only where it computes its own invstd), unused
+    with ``running`` (the running mean and variance it normalizes with in eval mode).
+    """
+    bn = coefs_of(packed, slots)
+    if running is not None:
+        bn.center.copy_(running[0])
+        mean, var = bn.center, running[1]
+    if slots.own_invstd:
+        _rsqrt_eps(var, eps, bn.invstd)
+    if weight is None:
+        bn.scale.copy_(bn.invstd)
+    else:
+        torch.mul(weight, bn.invstd, out=bn.scale)
+    if bias is None:
+        torch.mul(mean, bn.scale, out=bn.shift).neg_()
+    else:
+        torch.addcmul(bias, mean, bn.scale, value=-1, out=bn.shift)
+    return bn
 
 
 def _stats(mean_var: tuple[Tensor, Tensor], sync: Optional[BatchSync]) -> tuple[Tensor, Tensor]:
     return mean_var if sync is None else sync.stats(*mean_var)
 
 
-def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optional[Tensor]],
-            for_backward: bool) -> tuple[Tensor, Optional[Saved], list[Tensor]]:
-    """Returns (output, what backward needs or None, updated running stats in StageSpec.norms order).
+def _check_count(count: int, sync: Optional[BatchSync]) -> None:
+    # With synchronized statistics only a local batch of one value needs the global count (a sync).
+    if count <= 1 and (sync is None or sync.total_count() <= 1):
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} (batch x height x width)")
 
-    ``params`` are detached and already in the activations' dtype for convs.
+
+def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optional[Tensor]],
+            running: Sequence[Tensor], sync: Optional[BatchSync],
+            for_backward: bool) -> tuple[Tensor, Optional[Saved], Tensor]:
+    """Returns (output, what backward needs or None, the packed numbers).
+
+    ``params`` are detached, conv weights in the activations' dtype; ``running`` holds the running
+    (mean, var) of each BN that normalizes with them, in norm order.
     """
     n, c0, h, w = x.shape
-    k, num_layers = spec.growth_rate, spec.num_layers
-    channels = c0 + num_layers * k
+    k, num_layers, lay = spec.growth_rate, spec.num_layers, spec.layout
     sdt = stats_dtype(x.dtype)
+    count = n * h * w  # values per channel that this process's statistics cover
+    any_batch = any(spec.batch_stats)
+    if any_batch:
+        _check_count(count, sync)
     need_stats = spec.reads_batch_stats()
-    sync = spec.sync
-    count = sync.total if sync else n * h * w  # values per channel that BN's statistics cover
-    new_running: list[Tensor] = []
+    every_stat = need_stats and all(spec.batch_stats[1:2 * num_layers:2])
+    # Entries no BN writes stay zero (an eval-mode BN among training ones): nothing reads them.
+    packed = (torch.empty if every_stat or not any_batch else torch.zeros)(lay.size, dtype=sdt, device=x.device)
+    width = lay.stats_width
+    mean, var, invstd = packed[:width], packed[width:2 * width], packed[2 * width:3 * width]
+    eval_running = iter(zip(running[0::2], running[1::2]))
+
+    def next_running(j):
+        return None if spec.batch_stats[j] else next(eval_running)
+
+    def write_channels(lo: int, stats: tuple[Tensor, Tensor]) -> None:
+        m, v = _stats(stats, sync)
+        hi = lo + m.shape[0]
+        torch._foreach_copy_([mean[lo:hi], var[lo:hi]], [m, v])
+        _rsqrt_eps(v, lay.channel_eps, invstd[lo:hi])
 
     if num_layers == 0:
         buf = x
     else:
-        buf = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+        buf = torch.empty((n, spec.channels, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
         buf[:, :c0].copy_(x)
-    mean = torch.zeros(channels, dtype=sdt, device=x.device)
-    var = torch.ones(channels, dtype=sdt, device=x.device)
     if need_stats:
-        mean[:c0], var[:c0] = _stats(backend.channel_stats(x), sync)
+        write_channels(0, backend.channel_stats(x))
 
-    coefs, masks, bottlenecks = [], [], []
+    masks, bottlenecks, z_slots, z_stats = [], [], [], []
     for i in range(num_layers):
         c = c0 + i * k
         w1, b1, conv1, w2, b2, conv2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
-        norm1, norm2 = spec.norms[2 * i], spec.norms[2 * i + 1]
-        bn1 = _normalize(norm1, w1, b1, mean[:c], var[:c], count, sdt, new_running)
-        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, norm2.batch_stats)
-        if norm2.batch_stats:
+        j1, j2 = 2 * i, 2 * i + 1
+        bn1 = _normalize(packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c], next_running(j1))
+        batch2 = spec.batch_stats[j2]
+        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2)
+        if batch2:
             z_mean, z_var = _stats((z_mean, z_var), sync)
-        bn2 = _normalize(norm2, w2, b2, z_mean, z_var, count, sdt, new_running)
+            slots = lay.norms[j2]
+            z_slots += [mean[slots.stats:slots.stats + slots.width], var[slots.stats:slots.stats + slots.width]]
+            z_stats += [z_mean, z_var]
+        bn2 = _normalize(packed, lay.norms[j2], spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
         noise = None
         p = spec.drop_rates[i]
         if p > 0:
@@ -160,119 +337,142 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
                 noise.div_(1 - p)
             else:
                 noise.zero_()
-        f_mean, f_var = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2, buf[:, c:c + k], noise, need_stats)
+        new_stats = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2, buf[:, c:c + k], noise, need_stats)
         if need_stats:
-            mean[c:c + k], var[c:c + k] = _stats((f_mean, f_var), sync)
+            write_channels(c, new_stats)
         if for_backward:
-            coefs += [bn1, bn2]
-            masks.append(noise.ne(0) if noise is not None else None)
-            bottlenecks.append(None if spec.memory_efficient else z)
+            if noise is not None:
+                masks.append(noise.ne(0))
+            if not spec.memory_efficient:
+                bottlenecks.append(z)
         del z, noise
 
     out = buf
     if spec.has_transition:
         wt, bt, convt = params[num_layers * PARAMS_PER_LAYER:]
-        bnt = _normalize(spec.norms[-1], wt, bt, mean, var, count, sdt, new_running)
+        j = 2 * num_layers
+        bnt = _normalize(packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels], var[:spec.channels],
+                         next_running(j))
         out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt)
-        coefs.append(bnt)
-    saved = Saved(buf, mean, coefs, masks, bottlenecks) if for_backward else None
-    return out, saved, new_running
+    if z_slots:
+        torch._foreach_copy_(z_slots, z_stats)
+    if any_batch:
+        # Running stats take the unbiased variance; nothing else reads this row.
+        total = sync.total if sync is not None else count
+        var.mul_(total / (total - 1))
+    saved = Saved(buf, packed, masks, bottlenecks) if for_backward else None
+    return out, saved, packed
 
 
-def _param_grads(bn: BNCoefs, sum_dy: Tensor, sum_dy_xc: Tensor, weight, bias):
-    grad_w = (bn.invstd * sum_dy_xc).to(weight.dtype) if weight is not None else None
-    grad_b = sum_dy.to(bias.dtype) if bias is not None else None
-    return grad_w, grad_b
+def _grad_factors(spec: StageSpec, coefs: Sequence[BNCoefs], count: Count) -> tuple[dict, dict]:
+    """Per batch-statistics BN j: kx[j] = -scale * invstd**2 / M and kc[j] = -scale / M (see the docstring)."""
+    batch = spec.batch_norms()
+    if not batch:
+        return {}, {}
+    neg_inv_count = -1.0 / count
+    kc = torch._foreach_mul([coefs[j].scale for j in batch], neg_inv_count)
+    invstd = [coefs[j].invstd for j in batch]
+    kx = torch._foreach_mul(kc, invstd)
+    torch._foreach_mul_(kx, invstd)
+    return dict(zip(batch, kx)), dict(zip(batch, kc))
 
 
-def _batch_coefs(bn: BNCoefs, sum_dy: Tensor, sum_dy_xc: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """coef_x, coef_c of the backward through the batch statistics (see the module docstring)."""
-    coef_x = -bn.scale * bn.invstd * bn.invstd * sum_dy_xc / count
-    coef_c = -bn.scale * sum_dy / count
-    return coef_x, coef_c
-
-
-def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, in_channels: int,
-             x_format: torch.memory_format, params: Sequence[Optional[Tensor]], needs: Sequence[bool],
-             x_needs: bool):
+def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, x_format: torch.memory_format,
+             params: Sequence[Optional[Tensor]], needs: Sequence[bool], x_needs: bool,
+             sync: Optional[BatchSync]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
     """Returns (grad of the stage input or None, grads of ``params`` with None where not needed).
 
     ``params`` as in forward (conv weights in the activations' dtype); weight grads come back in
     the activations' dtype and BN grads in the statistics dtype: the caller casts them.
     """
-    buf, mean = saved.buf, saved.mean
-    num_layers, k, c0 = spec.num_layers, spec.growth_rate, in_channels
+    buf, packed, lay = saved.buf, saved.packed, spec.layout
+    num_layers, k, c0 = spec.num_layers, spec.growth_rate, spec.in_channels
     n, channels, h, w = buf.shape
-    sync = spec.sync
-    count = sync.total if sync else n * h * w
+    count = sync.total.to(packed.dtype) if sync is not None else n * h * w
     grads: list[Optional[Tensor]] = [None] * len(params)
+    coefs = [coefs_of(packed, s) for s in lay.norms]
+    kx, kc = _grad_factors(spec, coefs, count)
+    sums: dict[int, tuple[Tensor, Tensor]] = {}  # per norm: its local sum(dy), sum(dy * (x - center))
+    mean = packed[:channels]
     reads_batch_stats = spec.reads_batch_stats()
-    coef_x = torch.zeros_like(mean)
-    coef_c = torch.zeros_like(mean)
+    found_masks = iter(saved.masks)
+    masks = [next(found_masks) if p > 0 else None for p in spec.drop_rates]  # per layer
+    acc = None  # coef_x, coef_c of every buffer channel, summed over the BNs that read it
+    if reads_batch_stats and not (spec.has_transition and spec.batch_stats[-1]):
+        acc = torch.zeros((2, channels), dtype=packed.dtype, device=packed.device)
 
     if spec.has_transition:
-        bnt, base = saved.coefs[-1], num_layers * PARAMS_PER_LAYER
+        j, base = 2 * num_layers, num_layers * PARAMS_PER_LAYER
+        bnt = coefs[j]
         r = backend.bn_relu_pool_conv1x1_backward(
             grad_out, buf, bnt.scale, bnt.shift, params[base + 2], bnt.center, None, needs[base + 2])
-        grad_buf = r.grad_x
-        grads[base], grads[base + 1] = _param_grads(bnt, r.sum_dy, r.sum_dy_xc, params[base], params[base + 1])
-        grads[base + 2] = r.grad_weight
-        if spec.norms[-1].batch_stats:
-            cx, cc = _batch_coefs(bnt, r.sum_dy, r.sum_dy_xc, count)
-            coef_x += cx
-            coef_c += cc
+        grad_buf, grads[base + 2], sums[j] = r.grad_x, r.grad_weight, (r.sum_dy, r.sum_dy_xc)
+        if spec.batch_stats[j]:
+            acc = torch.stack(torch._foreach_mul([kx[j], kc[j]], [r.sum_dy_xc, r.sum_dy]))
         del r
     else:
         grad_buf = torch.empty_like(buf)
         grad_buf.copy_(grad_out)
 
+    def finalize(channel_slice: slice) -> None:
+        # Every reader of these channels is done: apply their batch-statistics terms once.
+        cx, cc = acc[0, channel_slice], acc[1, channel_slice]
+        if sync is not None:
+            cx, cc = sync.sum(cx, cc)
+        backend.bn_grad_finalize(grad_buf[:, channel_slice], buf[:, channel_slice], mean[channel_slice], cx, cc)
+
     for i in reversed(range(num_layers)):
         c, base = c0 + i * k, i * PARAMS_PER_LAYER
-        new = slice(c, c + k)
-        bn1, bn2 = saved.coefs[2 * i], saved.coefs[2 * i + 1]
-        w1, b1, conv1, w2, b2, conv2 = params[base:base + PARAMS_PER_LAYER]
+        j1, j2 = 2 * i, 2 * i + 1
+        bn1, bn2 = coefs[j1], coefs[j2]
+        conv1, conv2 = params[base + 2], params[base + 5]
         if reads_batch_stats:
-            # Every reader of channels [c, c+k) is done: apply their batch-statistics terms once.
-            if sync:
-                sync.sum_(coef_x[new], coef_c[new])
-            backend.bn_grad_finalize(grad_buf[:, new], buf[:, new], mean[new], coef_x[new], coef_c[new])
-        grad_new = grad_buf[:, new]
-        if saved.masks[i] is not None:
-            p = spec.drop_rates[i]
-            grad_new = grad_new * saved.masks[i] * (1.0 / (1.0 - p) if p < 1 else 0.0)
-        z = saved.bottlenecks[i]
+            finalize(slice(c, c + k))
+        grad_new = grad_buf[:, c:c + k]
+        p = spec.drop_rates[i]
+        if p > 0:
+            grad_new = grad_new * masks[i] * (1.0 / (1.0 - p) if p < 1 else 0.0)
+        z = saved.bottlenecks[i] if not spec.memory_efficient else None
         if z is None:
             z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, False)[0]
         r2 = backend.bn_relu_conv3x3_backward(grad_new, z, bn2.scale, bn2.shift, conv2, bn2.center, None,
                                               needs[base + 5])
         del grad_new
-        grads[base + 3], grads[base + 4] = _param_grads(bn2, r2.sum_dy, r2.sum_dy_xc, w2, b2)
-        grads[base + 5] = r2.grad_weight
-        grad_z = r2.grad_x
-        if spec.norms[2 * i + 1].batch_stats:
-            sums = (r2.sum_dy.clone(), r2.sum_dy_xc.clone())
-            if sync:
-                sync.sum_(*sums)  # parameter grads above stay local, as in torch's SyncBatchNorm
-            backend.bn_grad_finalize(grad_z, z, bn2.center, *_batch_coefs(bn2, *sums, count))
+        grads[base + 5], sums[j2], grad_z = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc), r2.grad_x
+        if spec.batch_stats[j2]:
+            sum_dy, sum_dy_xc = sums[j2] if sync is None else sync.sum(*sums[j2])  # parameter grads stay local
+            backend.bn_grad_finalize(grad_z, z, bn2.center, *torch._foreach_mul([kx[j2], kc[j2]], [sum_dy_xc, sum_dy]))
         del z, r2
         r1 = backend.bn_relu_conv1x1_backward(grad_z, buf[:, :c], bn1.scale, bn1.shift, conv1, bn1.center,
                                               grad_buf[:, :c], needs[base + 2])
         del grad_z
-        grads[base], grads[base + 1] = _param_grads(bn1, r1.sum_dy, r1.sum_dy_xc, w1, b1)
-        grads[base + 2] = r1.grad_weight
-        if spec.norms[2 * i].batch_stats:
-            cx, cc = _batch_coefs(bn1, r1.sum_dy, r1.sum_dy_xc, count)
-            coef_x[:c] += cx
-            coef_c[:c] += cc
+        grads[base + 2], sums[j1] = r1.grad_weight, (r1.sum_dy, r1.sum_dy_xc)
+        if spec.batch_stats[j1]:
+            torch._foreach_addcmul_([acc[0, :c], acc[1, :c]], [kx[j1], kc[j1]], [r1.sum_dy_xc, r1.sum_dy])
         del r1
 
+    _bn_param_grads(spec, coefs, sums, needs, grads)
     grads = [g if need else None for g, need in zip(grads, needs)]
     if not x_needs:
         return None, grads
     if reads_batch_stats:
-        if sync:
-            sync.sum_(coef_x[:c0], coef_c[:c0])
-        backend.bn_grad_finalize(grad_buf[:, :c0], buf[:, :c0], mean[:c0], coef_x[:c0], coef_c[:c0])
+        finalize(slice(0, c0))
     if num_layers == 0:
         return grad_buf.contiguous(memory_format=x_format), grads
     return grad_buf[:, :c0].clone(memory_format=x_format), grads
+
+
+def _bn_param_grads(spec: StageSpec, coefs: Sequence[BNCoefs], sums: dict, needs: Sequence[bool],
+                    grads: list) -> None:
+    """Every BN's weight grad (invstd * sum(dy * (x - center)), one op for the stage) and bias grad (sum(dy))."""
+    weights = []
+    for j in range(len(spec.eps)):
+        base = PARAMS_PER_LAYER * (j // 2) + 3 * (j % 2) if j < 2 * spec.num_layers else PARAMS_PER_LAYER * (j // 2)
+        if needs[base]:
+            weights.append((base, j))
+        if needs[base + 1]:
+            grads[base + 1] = sums[j][0]
+    if weights:
+        found = torch._foreach_mul([coefs[j].invstd for _, j in weights], [sums[j][1] for _, j in weights])
+        for (base, _), g in zip(weights, found):
+            grads[base] = g

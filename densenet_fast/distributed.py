@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .block_algorithm import update_running_stats
 from .models import _DenseBlock, _Transition
 from .ops.interface import stats_dtype
 from .sync import active_group
@@ -33,7 +34,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     Used for the stem's and the head's BNs (blocks synchronize inside their own op).
     torch.nn.SyncBatchNorm refuses CPU tensors; this one runs on gloo too. Statistics are merged
     from every process's count, mean and variance in float32 or wider (Chan's parallel formula:
-    no cancellation when the mean is large). Same parameters and buffers as BatchNorm2d.
+    no cancellation when the mean is large), and nothing is read back to the host. Same parameters
+    and buffers as BatchNorm2d.
     """
 
     process_group = None
@@ -51,7 +53,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         # Every process writes its row; the sum over processes gathers all rows (differentiably).
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         rows = torch.zeros(world, 1 + 2 * mean.numel(), dtype=sdt, device=x.device)
-        rows = rows.index_copy(0, torch.tensor([rank], device=x.device), torch.cat([count, mean, var])[None])
+        at_rank = torch.full((1,), rank, dtype=torch.long, device=x.device)  # a fill, not a host-to-device copy
+        rows = rows.index_copy(0, at_rank, torch.cat([count, mean, var])[None])
         rows = _AllReduceSum.apply(rows, group)
         counts, means, variances = rows[:, :1], rows[:, 1:1 + mean.numel()], rows[:, 1 + mean.numel():]
         total = counts.sum()
@@ -59,13 +62,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         global_mean = (weights * means).sum(0)
         global_var = (weights * (variances + (means - global_mean) ** 2)).sum(0)
         if self.training and self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                n = float(total)
-                self.running_mean.mul_(1 - factor).add_(global_mean.to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_((global_var * (n / (n - 1))).to(self.running_var.dtype),
-                                                       alpha=factor)
+            with torch.no_grad():  # the fused stages' update: no host sync
+                unbiased = global_var * (total / (total - 1))
+                update_running_stats([(self.running_mean, self.running_var, self.num_batches_tracked)],
+                                     [self.momentum], [(global_mean, unbiased)])
         invstd = torch.rsqrt(global_var + self.eps)
         scale = invstd if self.weight is None else self.weight.to(sdt) * invstd
         shift = -global_mean * scale if self.bias is None else self.bias.to(sdt) - global_mean * scale

@@ -41,14 +41,11 @@ def saved_as_buffer_prefix(x: Tensor, buf: Tensor):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def eval_running_stats(running: Sequence[Tensor], has_running: Sequence[bool],
-                       batch_stats: Sequence[bool]) -> list[Optional[tuple[Tensor, Tensor]]]:
-    """Per norm, the running (mean, var) it normalizes with, or None where it uses batch statistics."""
-    out, r = [], 0
-    for has, batch in zip(has_running, batch_stats):
-        out.append(None if batch or not has else (running[r], running[r + 1]))
-        r += 3 if has else 0
-    return out
+def eval_running_stats(running: Sequence[Tensor], batch_stats: Sequence[bool]) -> list[Optional[tuple[Tensor, Tensor]]]:
+    """Per norm, the running (mean, var) it normalizes with, or None where it uses batch statistics;
+    ``running`` holds the (mean, var) of each norm that uses them, in order."""
+    pairs = iter(zip(running[0::2], running[1::2]))
+    return [None if batch else next(pairs) for batch in batch_stats]
 
 
 def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running: Optional[tuple[Tensor, Tensor]],

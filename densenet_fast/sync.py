@@ -1,10 +1,12 @@
 """Synchronized batch statistics across the processes of a group (SyncBatchNorm semantics).
 
-Used by the block algorithm (``block_algorithm.py``), which calls these at the few places BN needs global numbers: a channel's statistics
-once when it is written (merged from every process's mean and variance, weighted by their
-counts: stable when the mean is large), a bottleneck's statistics per layer, and in backward the
-accumulated per-channel coefficients once per channel. Parameter gradients stay local, as with
-torch.nn.SyncBatchNorm; DistributedDataParallel averages them.
+Used by the block algorithm (``block_algorithm.py``), which calls these at the few places BN needs
+global numbers: a channel's statistics once when it is written (merged from every process's mean
+and variance, weighted by their counts: stable when the mean is large), a bottleneck's statistics
+per layer, and in backward the accumulated per-channel coefficients once per channel. Parameter
+gradients stay local, as with torch.nn.SyncBatchNorm; DistributedDataParallel averages them.
+
+Nothing here reads a tensor back to the host: the global count stays a tensor (``total``).
 """
 from __future__ import annotations
 
@@ -28,9 +30,13 @@ class BatchSync:
     def __init__(self, group, local_count: int, device: torch.device):
         self.group = group
         self.world = dist.get_world_size(group)
-        counts = self._gather(torch.tensor([float(local_count)], dtype=torch.float64, device=device))
+        counts = self._gather(torch.full((1,), float(local_count), dtype=torch.float64, device=device))
         self.counts = counts.reshape(-1)  # one per process
-        self.total = int(self.counts.sum().item())
+        self.total = self.counts.sum()  # a 0-dim float64 tensor
+
+    def total_count(self) -> int:
+        """The global count as a Python int: a host sync, for error checks only."""
+        return int(self.total.item())
 
     def _gather(self, t: Tensor) -> Tensor:
         parts = [torch.empty_like(t) for _ in range(self.world)]
@@ -45,11 +51,12 @@ class BatchSync:
         global_var = (w * (g[:, 1] + (g[:, 0] - global_mean) ** 2)).sum(0)
         return global_mean, global_var
 
-    def sum_(self, *tensors: Tensor) -> None:
-        """In place: each tensor becomes its sum over the processes (one collective for all)."""
+    def sum(self, *tensors: Tensor) -> list[Tensor]:
+        """Each tensor summed over the processes, as new tensors (one collective for all)."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat, group=self.group)
-        offset = 0
+        out, offset = [], 0
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            out.append(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+        return out
