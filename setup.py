@@ -86,7 +86,7 @@ def _check_build_torch(torch):
             f"densenet_fast: this build's isolated environment has torch {torch.__version__}, but the "
             f"environment it installs into has torch {target[0]}; an extension built for one is refused "
             "by the other. Build against the installed torch instead:\n"
-            "    pip install --no-build-isolation densenet-fast    (or: pip install --no-build-isolation .)\n"
+            "    pip install --no-build-isolation <densenet_fast clone or sdist>\n"
             "(set DENSENET_FAST_ALLOW_TORCH_MISMATCH=1 to build anyway)")
 
 
@@ -163,5 +163,6 @@ def _extensions():
     return [ext], cmdclass
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also under pip and python -m build (setuptools runs this file as __main__)
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

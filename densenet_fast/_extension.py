@@ -24,7 +24,7 @@ import torch
 EXTENSION = "densenet_fast._C"
 # Precedes the record's JSON in the library's read-only data; the JSON ends at the next NUL byte.
 MARKER = b"densenet_fast build record:"
-REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall densenet-fast"
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall <densenet_fast clone or sdist>"
 
 
 class ExtensionMismatchWarning(UserWarning):
