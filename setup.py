@@ -23,6 +23,7 @@ at load by any other.
 """
 import glob
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -55,37 +56,41 @@ def _load_extension_module():
 
 
 def _installing_environment_torch():
-    """(version, location) of the torch the installing interpreter sees outside a build isolation.
+    """The torch of the environment being installed into, as {"torch", "cuda", "origin"}, or None
+    when it has none (or can't be asked). Read from its torch/version.py, without importing it.
 
     pip runs an isolated build with the installing environment's interpreter, hiding its
     site-packages behind PYTHONPATH and PYTHONNOUSERSITE; without them the interpreter sees the
-    environment the package is installed into. None when it has no torch (or can't be asked).
+    environment the package is installed into.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
-    probe = ("import importlib.metadata as m, importlib.util as u\n"
+    probe = ("import importlib.util as u, json, os, runpy\n"
              "s = u.find_spec('torch')\n"
-             "print(m.version('torch') if s else '', s.origin if s else '', sep='\\n')")
+             "v = runpy.run_path(os.path.join(os.path.dirname(s.origin), 'version.py')) if s else None\n"
+             "print(json.dumps(v and {'torch': v['__version__'], 'cuda': v['cuda'], 'origin': s.origin}))")
     try:
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                             timeout=120, check=True).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
+                             timeout=120, check=True).stdout
+        return json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
-    return (out[0], out[1]) if len(out) == 2 and out[0] else None
 
 
-def _check_build_torch(torch):
-    """Fail early when an isolated build's torch is not the one the package will run with."""
+def _check_build_torch(torch, record, cuda_kernels):
+    """Fail early (before compiling) when this build's torch is not the one the package will run
+    with: an isolated build, with its own freshly downloaded torch. `record`: _extension.py."""
     if _switch("DENSENET_FAST_ALLOW_TORCH_MISMATCH"):
         return
     target = _installing_environment_torch()
-    here = os.path.realpath(torch.__file__)
-    if target is None or os.path.realpath(target[1]) == here:
+    if target is None or os.path.realpath(target["origin"]) == os.path.realpath(torch.__file__):
         return  # the same torch (a --no-build-isolation build), or none to compare with
-    if target[0].split("+")[0] != torch.__version__.split("+")[0]:
+    built = record.torch_record(cuda_kernels)
+    reason = record.mismatch(built, dict(target, cxx11_abi=built["cxx11_abi"]))
+    if reason is not None:
         sys.exit(
-            f"densenet_fast: this build's isolated environment has torch {torch.__version__}, but the "
-            f"environment it installs into has torch {target[0]}; an extension built for one is refused "
-            "by the other. Build against the installed torch instead:\n"
+            "densenet_fast: this is an isolated build, compiling against its own torch instead of the "
+            f"installing environment's, and the extension would be {reason} (refused at load). "
+            "Build against the installed torch:\n"
             "    pip install --no-build-isolation <densenet_fast clone or sdist>\n"
             "(set DENSENET_FAST_ALLOW_TORCH_MISMATCH=1 to build anyway)")
 
@@ -100,7 +105,6 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    _check_build_torch(torch)
     record = _load_extension_module()
     os.environ.setdefault("MAX_JOBS", "2")
     want_cuda = _switch("DENSENET_FAST_CUDA")
@@ -113,6 +117,7 @@ def _extensions():
             f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r} (is nvcc installed?)"
         )
     with_cuda = can_cuda if want_cuda is None else want_cuda
+    _check_build_torch(torch, record, with_cuda)
     required = _switch("DENSENET_FAST_BUILD_EXT") is True or want_cuda is True
 
     class BuildWithRecord(BuildExtension):

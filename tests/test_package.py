@@ -176,23 +176,33 @@ def test_setup_sees_the_installing_environments_torch_through_pips_isolation(mon
     # pip's isolated build: PYTHONPATH and PYTHONNOUSERSITE hide the installing environment.
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "nonexistent-build-env"))
     monkeypatch.setenv("PYTHONNOUSERSITE", "1")
-    version, origin = setup._installing_environment_torch()
-    assert version.split("+")[0] == torch.__version__.split("+")[0]
-    assert os.path.realpath(origin) == os.path.realpath(torch.__file__)
+    target = setup._installing_environment_torch()
+    assert (target["torch"], target["cuda"]) == (torch.__version__, torch.version.cuda)
+    assert os.path.realpath(target["origin"]) == os.path.realpath(torch.__file__)
 
 
-def test_isolated_build_with_another_torch_stops_early(monkeypatch):
+@pytest.mark.parametrize("target, cuda_kernels, stops", [
+    ({"torch": "2.13.0+cpu", "cuda": None}, False, r"built for torch 2\.14\.1\+cu130, running 2\.13\.0\+cpu"),
+    ({"torch": "2.14.1+cpu", "cuda": None}, True, r"with CUDA 13\.0, running 2\.14\.1\+cpu without CUDA"),
+    ({"torch": "2.14.1+cpu", "cuda": None}, False, None),  # CPU kernels only: loads under 2.14.1+cpu
+    ({"torch": "2.14.1", "cuda": "13.0"}, True, None),
+])
+def test_isolated_build_with_another_torch_stops_early(monkeypatch, target, cuda_kernels, stops):
     setup = _setup_module()
-    isolated_torch = type("FakeTorch", (), {"__version__": "2.14.1+cu130",
-                                            "__file__": "/tmp/pip-build-env-x/overlay/torch/__init__.py"})
+    record = setup._load_extension_module()
+    isolated = {"torch": "2.14.1+cu130", "cuda": "13.0", "cxx11_abi": True}
+    monkeypatch.setattr(record, "torch_record", lambda kernels: dict(isolated, cuda_kernels=kernels))
+    isolated_torch = type("IsolatedTorch", (), {"__file__": "/tmp/pip-build-env-x/overlay/torch/__init__.py"})
     monkeypatch.setattr(setup, "_installing_environment_torch",
-                        lambda: ("2.13.0+cpu", "/venv/lib/python3.11/site-packages/torch/__init__.py"))
+                        lambda: dict(target, origin="/venv/lib/python3.11/site-packages/torch/__init__.py"))
     monkeypatch.delenv("DENSENET_FAST_ALLOW_TORCH_MISMATCH", raising=False)
-    with pytest.raises(SystemExit, match=r"(?s)isolated environment has torch 2\.14\.1\+cu130.*has torch 2\.13\.0"
-                                         r".*--no-build-isolation"):
-        setup._check_build_torch(isolated_torch)
+    if stops is None:
+        setup._check_build_torch(isolated_torch, record, cuda_kernels)
+        return
+    with pytest.raises(SystemExit, match=rf"(?s)isolated build.*{stops}.*--no-build-isolation"):
+        setup._check_build_torch(isolated_torch, record, cuda_kernels)
     monkeypatch.setenv("DENSENET_FAST_ALLOW_TORCH_MISMATCH", "1")
-    setup._check_build_torch(isolated_torch)  # the escape hatch
+    setup._check_build_torch(isolated_torch, record, cuda_kernels)  # the escape hatch
 
 
 def _copy_source(dest: Path) -> Path:
