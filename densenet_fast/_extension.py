@@ -123,4 +123,8 @@ def load_extension(path: Optional[str] = None) -> None:
     reason = mismatch(built, torch_record())
     if reason is not None:
         raise _refuse(path, reason)
-    importlib.import_module(EXTENSION)
+    try:
+        importlib.import_module(EXTENSION)
+    except ImportError as err:  # e.g. a library it links against is missing
+        raise ImportError(f"the compiled extension {path} was built for this torch but failed to load: {err}; "
+                          f"rebuild it: {REBUILD}") from err

@@ -16,7 +16,8 @@ from .torch_backend import TorchBackend
 
 
 def _cpp_backend() -> Backend:
-    # The compiled extension (csrc/); ImportError when the package was installed without it.
+    # The compiled extension (csrc/); ImportError when the package was installed without it, or
+    # with one built for another torch (densenet_fast/_extension.py).
     from .cpp_backend import CppBackend
 
     return CppBackend()
