@@ -2,7 +2,10 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm
+# matplotlib and scikit-learn: the [cli] extra (train, --plot), which demo and the tests use;
+# build, wheel and setuptools>=77: .ci/run builds the sdist and wheel with this venv's torch.
+PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm \
+	build wheel 'setuptools>=77'
 
 .PHONY: demo test bench test-torch2.11
 
@@ -25,7 +28,7 @@ bench: $(STAMP)
 # files, with its own venv and extension build (an in-place build would replace .venv's). numpy
 # 2.2: Triton 3.6's interpreter fails on numpy 2.4 (int() of a 1-element array).
 COMPAT := .compat/torch-2.11
-COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 numpy==2.2.6 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm setuptools wheel
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 numpy==2.2.6 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm 'setuptools>=77' wheel
 
 test-torch2.11:
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src

@@ -15,9 +15,9 @@ from .interface import Backend
 from .torch_backend import TorchBackend
 
 
-
 def _cpp_backend() -> Backend:
-    # The compiled extension (csrc/); ImportError when the package was installed without it.
+    # The compiled extension (csrc/); ImportError when the package was installed without it, or
+    # with one built for another torch (densenet_fast/_extension.py).
     from .cpp_backend import CppBackend
 
     return CppBackend()
@@ -96,13 +96,18 @@ def backend_named(name: str) -> Backend:
     return _instances[name]
 
 
-@torch._dynamo.assume_constant_result
 def backend_name_for(device: torch.device, dtype: torch.dtype) -> str:
     """Name of the backend for tensors on ``device`` of ``dtype``.
 
     A constant to torch.compile: a compiled model keeps the backend it was traced with.
     """
     return backend_for(torch.empty(0, device=device, dtype=dtype)).name
+
+
+# What @torch._dynamo.assume_constant_result does (it only sets this attribute), without the
+# decorator's cost: importing torch._dynamo takes ~1.4 s, most of `import densenet_fast`.
+# tests/test_package.py checks the decorator still marks a function exactly this way.
+backend_name_for._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def backend_for(x: Tensor) -> Backend:

@@ -13,24 +13,19 @@ Fake implementations of every op are registered here, so torch.compile can trace
 """
 from __future__ import annotations
 
-import importlib
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._extension import load_extension
 from .interface import Backend, ConvGrads, stats_dtype
 
-try:
-    # Loading the library registers torch.ops.densenet_fast.
-    importlib.import_module(__name__.rsplit(".", 2)[0] + "._C")
-except ImportError as err:  # the registry then reports "cpp" unavailable
-    raise ImportError(
-        "the 'cpp' backend needs the compiled extension densenet_fast._C, which is not built in this "
-        "installation; build it with `pip install --no-build-isolation -e .` (a C++ compiler and ninja are "
-        f"required; set DENSENET_FAST_CUDA=0 to skip the CUDA kernels). Import error: {err}"
-    ) from err
+# Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
+# this reason) when the library is not built, or was built for another torch: then it is not even
+# loaded, since a mismatched library can crash the process.
+load_extension()
 
 _ops = torch.ops.densenet_fast
 
