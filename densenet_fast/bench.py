@@ -198,12 +198,27 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BASELINE = "torchvision"
 
 
-def min_image_size(model: Optional[str]) -> int:
-    """The smallest image side a training step runs at. Each transition halves the side (2x2 average
-    pooling), so the last block needs 1 pixel: a DenseNet-BC (stride-1 stem, 3 blocks) needs 4; the
-    ImageNet models (7x7 stride-2 conv and stride-2 max pool, 4 blocks) need 29, torchvision's
-    ``min_size`` for their weights."""
-    return 4 if model is None else 29
+def last_block_side(model: Optional[str], side: int) -> int:
+    """The image side the last dense block sees: a DenseNet-BC (stride-1 stem) halves it in each of its 2
+    transitions (2x2 average pooling); the ImageNet models first run a 7x7 stride-2 conv and a 3x3
+    stride-2 max pool (both padded), then 3 transitions."""
+    if model is None:
+        return side // 4
+    side = (side - 1) // 2 + 1
+    side = (side - 1) // 2 + 1
+    return side // 8
+
+
+def min_image_size(model: Optional[str], batch: int = 2) -> int:
+    """The smallest image side a training step of ``batch`` images runs at: the last block needs a pixel,
+    and its batch norms more than one value per channel (batch x side^2 > 1). Batch 2 or more: 4 for a
+    DenseNet-BC, 29 for the ImageNet models (torchvision's ``min_size`` for their weights)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    side = 1
+    while last_block_side(model, side) < 1 or batch * last_block_side(model, side) ** 2 < 2:
+        side += 1
+    return side
 
 
 class Pinned(nn.Module):
@@ -302,13 +317,6 @@ def validate(args: argparse.Namespace) -> None:
             check_bc_depth(depth)
         except ValueError as e:
             raise UsageError(f"{err} {e}") from None
-    smallest = min_image_size(args.model)
-    what = args.model or "a DenseNet-BC"
-    if args.img_size < smallest:
-        raise UsageError(f"{err} --img-size {args.img_size} is too small for {what}: its stem and transitions "
-                         f"need at least {smallest}x{smallest}")
-    if args.plot and args.plot_size < min_image_size(None):
-        raise UsageError(f"{err} --plot-size must be at least {min_image_size(None)}, got {args.plot_size}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),
                                ("--warmup", args.warmup, 0), ("--plot-batch", args.plot_batch, 1),
                                ("--growth-rate", args.growth_rate, 1)):
@@ -316,6 +324,15 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"{err} {flag} must be at least {least}, got {value}")
     if args.plot and min(args.plot_batches) < 1:
         raise UsageError(f"{err} --plot-batches must be at least 1, got {min(args.plot_batches)}")
+    batch = min([args.batch_size] + (args.plot_batches if args.plot else []))  # the plot's batch panel too
+    smallest = min_image_size(args.model, batch)
+    what = args.model or "a DenseNet-BC"
+    if args.img_size < smallest:
+        raise UsageError(f"{err} --img-size {args.img_size} is too small for {what} at batch {batch}: "
+                         f"its stem, transitions and batch norms need at least {smallest}x{smallest}")
+    plot_smallest = min_image_size(None, args.plot_batch) if args.plot else 0
+    if args.plot and args.plot_size < plot_smallest:
+        raise UsageError(f"{err} --plot-size must be at least {plot_smallest}, got {args.plot_size}")
     if args.max_time is not None and args.max_time < 0:
         raise UsageError(f"{err} --max-time must be >= 0 seconds, got {args.max_time}")
     args.amp_dtype = autocast_dtype(args.amp, args.amp_dtype)

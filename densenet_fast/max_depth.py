@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .bench import Pinned, torchvision_densenet_bc
+from .bench import Pinned, min_image_size, torchvision_densenet_bc
 from .memory import peak_memory
 from .tools import PROG, UsageError, check_backends, check_device, check_output_path, human, machine, write_json
 
@@ -257,8 +257,9 @@ def validate(args: argparse.Namespace) -> None:
     err = f"{PROG} max-depth: error:"
     if len(set(args.fit_depths)) < 3 or any(d < 10 or (d - 4) % 6 for d in args.fit_depths):
         raise UsageError(f"{err} --fit-depths needs at least 3 different depths of the form 6n+4")
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--img-size", args.img_size, 4),
-                               ("--growth-rate", args.growth_rate, 1)):
+    # On CPU the step is measured at batch 1 (see _measured_batches): the image size must do for it.
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--img-size", args.img_size, min_image_size(
+            None, batch=1)), ("--growth-rate", args.growth_rate, 1)):
         if value < least:
             raise UsageError(f"{err} {flag} must be at least {least}, got {value}")
     check_output_path(args.json, "--json")

@@ -127,7 +127,7 @@ def prepare(config: TrainConfig) -> Run:
         raise ValueError(f"--growth-rate must be at least 1, got {config.growth_rate}")
     if config.lr is not None and not config.lr > 0:
         raise ValueError(f"--lr must be positive, got {config.lr}")
-    smallest = min_image_size(None if config.model == "densenet_bc" else config.model)
+    smallest = min_image_size(None if config.model == "densenet_bc" else config.model)  # batches hold 2+ images
     if config.img_size < smallest:
         raise ValueError(f"--img-size {config.img_size} is too small for {config.model}: at least {smallest}")
     if config.resume and not config.checkpoint:
