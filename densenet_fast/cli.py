@@ -180,7 +180,7 @@ def _validate_train(args: argparse.Namespace) -> None:
     check_output_path(args.checkpoint, "--checkpoint", make_folder=True)
     try:
         if resolve_dataset(args.dataset, args.data_dir) == "digits":
-            require("sklearn", "train on the digits (no --data-dir)")
+            require("sklearn", "training on the digits (no --data-dir)", "scikit-learn")
         args.prepared = prepare(config)
     except ValueError as err:
         raise UsageError(f"{PROG} train: error: {err}") from None

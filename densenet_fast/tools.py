@@ -25,12 +25,12 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2, before any work starts."""
 
 
-def require(module: str, what: str) -> ModuleType:
+def require(module: str, what: str, package: str | None = None) -> ModuleType:
     """Import ``module`` (a dependency of the ``cli`` extra), or a UsageError that names the extra."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"{PROG}: error: {what} needs {module.split('.')[0]}, which is not installed: "
+        raise UsageError(f"{PROG}: error: {what} needs {package or module.split('.')[0]}, which is not installed: "
                          f"pip install '{CLI_EXTRA}'") from None
 
 

@@ -196,7 +196,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] += batches.pop()  # BN cannot train on a batch of one image
+        last = batches.pop()
+        batches[-1] = batches[-1] + last  # BN cannot train on a batch of one image
     return batches
 
 
