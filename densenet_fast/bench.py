@@ -154,7 +154,7 @@ def format_table(results: list[StepResult], baseline: str) -> str:
     lines = [f"| model | peak memory | vs {baseline} | step time (median) | IQR | images/s | vs {baseline} |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        noisy = "" if r.stable else " (noisy)"
+        noisy = "" if r.stable else " (noisy)" if len(r.step_times) >= 4 else " (< 4 runs)"
         lines.append(f"| {r.name} | {r.peak_bytes / MiB:.0f} MiB | {r.peak_bytes / base.peak_bytes:.3f}x "
                      f"| {r.step_time:.3f} s | {r.iqr:.3f} s ({r.iqr / r.step_time:.0%}){noisy} "
                      f"| {r.throughput:.1f} | {r.step_time / base.step_time:.3f}x |")
@@ -167,7 +167,7 @@ def results_rows(results: list[StepResult], baseline: str = "torchvision") -> li
     return [{"model": r.name, "peak_bytes": r.peak_bytes, "peak_mib": round(r.peak_bytes / MiB, 2),
              "memory_vs_baseline": round(r.peak_bytes / base.peak_bytes, 4),
              "step_time_s": round(r.step_time, 4), "iqr_s": round(r.iqr, 4), "stable": r.stable,
-             "images_per_s": round(r.throughput, 2), "time_vs_baseline": round(r.step_time / base.step_time, 4),
+             "images_per_s": float(f"{r.throughput:.4g}"), "time_vs_baseline": round(r.step_time / base.step_time, 4),
              "step_times_s": [round(t, 4) for t in r.step_times]} for r in results]
 
 

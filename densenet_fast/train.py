@@ -24,7 +24,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from .bench import MiB, min_image_size, training_memory
-from .data import DATASETS, Data, load_digits_tensors, open_data  # noqa: F401 (load_digits_tensors: re-exported)
+from .data import DATASETS, Data, open_data
 from .tools import AMP_DTYPES, default_device, resolve_device
 
 MODELS = ("densenet_bc", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -280,7 +280,7 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
                 bar.set_postfix(loss=f"{loss:.3f}")
             bar.close()
             if run.data.name == "digits":
-                # 42 steps an epoch: the running statistics lag the weights; recompute them (a cheap pass).
+                # 43 steps an epoch (batch 32) leave the running statistics lagging: recompute them.
                 with _autocast(run):
                     update_bn(DataLoader(run.data.train, batch_size=256), model, device=run.device)
             seconds = time.perf_counter() - start

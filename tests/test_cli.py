@@ -12,21 +12,8 @@ import torch
 from torch import nn
 
 import densenet_fast
+from cli_helpers import assert_one_error_line, run
 from densenet_fast import bench, cli, max_depth, tools
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    status = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -47,14 +34,18 @@ TINY_BENCH = ("bench", "--depth", "10", "--growth-rate", "4", "-b", "2", "--img-
 
 # --- bench ----------------------------------------------------------------------------------------
 
+# The Triton interpreter takes about a minute a step on the loaded CI machine: bench tests name the backends.
+FAST_BACKENDS = [b for b in ("torch", "cpp") if b in densenet_fast.available_backends()]
+
+
 def test_bench_writes_table_json_csv_and_plot(capsys, tmp_path):
     files = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "png")}
-    status, out, _ = run(capsys, *TINY_BENCH, "--json", str(files["json"]), "--csv", str(files["csv"]),
+    backends = [arg for b in FAST_BACKENDS for arg in ("--backend", b)]
+    status, out, _ = run(capsys, *TINY_BENCH, *backends, "--json", str(files["json"]), "--csv", str(files["csv"]),
                          "--plot", str(files["png"]), "--plot-depths", "10", "16", "--plot-batches", "2",
                          "--plot-batch", "2", "--plot-size", "8")
     assert status == 0
-    expected = ["torchvision", "torchvision memory_efficient"] + [
-        f"densenet_fast[{b}]" for b in densenet_fast.available_backends()]
+    expected = ["torchvision", "torchvision memory_efficient"] + [f"densenet_fast[{b}]" for b in FAST_BACKENDS]
     for name in expected:
         assert f"| {name} |" in out
     assert "| step time (median) | IQR | images/s |" in out
@@ -70,6 +61,11 @@ def test_bench_writes_table_json_csv_and_plot(capsys, tmp_path):
     assert csv_lines[0].startswith("model,peak_bytes") and "images_per_s" in csv_lines[0]
     assert len(csv_lines) == 1 + len(expected)
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compares_every_available_backend_by_default():
+    assert tools.check_backends(None, torch.device("cpu"), torch.float32) == densenet_fast.available_backends()
+    assert tools.check_backends(["torch"], torch.device("cpu"), torch.float32) == ["torch"]
 
 
 @pytest.mark.parametrize("extra, shown", [(["--amp", "--backend", "torch"], "autocast bfloat16"),

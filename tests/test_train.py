@@ -11,16 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_error_line, run
 from densenet_fast import cli, data
 from densenet_fast import train as train_module
 
 TINY = ("train", "--depth", "10", "--growth-rate", "4", "-b", "128", "--img-size", "8", "-j", "0")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    status = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def weights(path) -> dict:
@@ -202,14 +197,6 @@ def no_training(monkeypatch):
         raise AssertionError("training started before the input was checked")
 
     monkeypatch.setattr(train_module, "fit", work)
-
-
-def assert_one_error_line(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv, fragment", [
