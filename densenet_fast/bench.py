@@ -83,12 +83,14 @@ def make_step(model: nn.Module, x: torch.Tensor, autocast_dtype: Optional[torch.
 def compare_steps(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5,
                   autocast_dtype: Optional[torch.dtype] = None,
                   progress: Optional[Callable[[str], None]] = None, warmup: int = 1,
-                  max_time: Optional[float] = None, bar=None) -> list[StepResult]:
+                  max_time: Optional[float] = None, bar=None,
+                  timer: Callable[[], float] = time.perf_counter) -> list[StepResult]:
     """Peak memory and step times of each model on the same input, measured in one run.
 
     ``warmup`` untimed rounds, then at least ``rounds`` timed ones (0: memory only); with ``max_time``
     (seconds of timed rounds), more rounds until every model's IQR is under 10% of its median.
     ``bar`` (a tqdm) moves one step per training step run; its total grows with added rounds.
+    ``timer``: seconds, as torch.utils.benchmark.Timer's argument of that name.
     """
     results: list[StepResult] = []
     steps = {}
@@ -126,10 +128,10 @@ def compare_steps(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5
         if progress:
             progress(f"timing round {r}" + (f"/{rounds}" if r <= rounds else " (until the IQR is < 10%)"))
         for result in results:
-            start = time.perf_counter()
+            start = timer()
             steps[result.name]()
             _sync(x.device)
-            result.step_times.append(time.perf_counter() - start)
+            result.step_times.append(timer() - start)
             timed += result.step_times[-1]
             ran()
     return results

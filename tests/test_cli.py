@@ -89,46 +89,50 @@ class _Bar:
         pass
 
 
-class _Jittery(nn.Module):
-    """A conv whose step time varies: the first ``noisy`` timed calls sleep a random while."""
+class _Scripted(nn.Module):
+    """A conv whose steps take scripted times on a virtual clock: ``durations`` for its timed steps
+    (after warm-up, peak memory and ``warmup`` rounds), ``steady`` after them."""
 
-    def __init__(self, noisy: int, seed: int):
+    def __init__(self, clock: list, durations: list, steady: float, warmup: int = 1):
         super().__init__()
-        self.conv, self.calls, self.noisy = nn.Conv2d(3, 4, 3), 0, noisy
-        self.rng = torch.Generator().manual_seed(seed)
+        self.conv, self.clock, self.calls = nn.Conv2d(3, 4, 3), clock, 0
+        self.durations, self.steady, self.untimed = durations, steady, 2 + warmup
 
     def forward(self, x):
-        import time
-
         self.calls += 1
-        if 3 < self.calls <= 3 + self.noisy:  # after warm-up, peak memory and warm-up round
-            time.sleep(0.002 + 0.05 * torch.rand(1, generator=self.rng).item())
-        else:
-            time.sleep(0.01)
+        timed = self.calls - self.untimed - 1
+        self.clock[0] += self.durations[timed] if 0 <= timed < len(self.durations) else self.steady
         return self.conv(x)
 
 
 def test_timing_rounds_warmup_and_bar():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    models = {"torchvision": _Jittery(0, 1), "other": _Jittery(0, 2)}
+    clock = [0.0]
+    timer = lambda: clock[0]  # noqa: E731
+    models = {"torchvision": _Scripted(clock, [1.0, 3.0], 2.0), "other": _Scripted(clock, [], 0.5)}
     bar = _Bar(bench.planned_steps(2, rounds=3, warmup=1))
-    results = bench.compare_steps(models, x, rounds=3, warmup=1, bar=bar)
-    assert [len(r.step_times) for r in results] == [3, 3]
+    results = bench.compare_steps(models, x, rounds=3, warmup=1, bar=bar, timer=timer)
+    assert [r.step_times for r in results] == [[1.0, 3.0, 2.0], [0.5, 0.5, 0.5]]
     assert bar.n == bar.total == 2 * (2 + 1 + 3)
     assert all(m.calls == 6 for m in models.values())  # warm-up, peak memory, warm-up round, 3 timed
-    r = results[0]
-    assert r.step_time == pytest.approx(float(torch.tensor(r.step_times).median()))
-    assert r.throughput == pytest.approx(2 / r.step_time)
+    assert results[0].step_time == 2.0 and results[0].iqr == 1.0 and results[0].throughput == 1.0
+    assert not results[0].stable and not results[1].stable  # fewer than 4 runs
 
-    # Noisy timings: more rounds, the bar's total growing with them, until every IQR is under 10%.
-    models = {"torchvision": _Jittery(6, 3), "other": _Jittery(0, 4)}
+    # Noisy at first: rounds are added until the IQR is under 10% of the median. Timed steps
+    # 1,3,1,3,1,3 then 2s: with 6 + 6 the quartiles are 1.75 and 2.25; with 6 + 7 both are 2.
+    clock[0] = 0.0
+    models = {"torchvision": _Scripted(clock, [1.0, 3.0] * 3, 2.0), "other": _Scripted(clock, [], 0.5)}
     bar = _Bar(bench.planned_steps(2, rounds=4, warmup=1))
-    results = bench.compare_steps(models, x, rounds=4, warmup=1, max_time=30, bar=bar)
-    assert len(results[0].step_times) > 4 and all(r.stable for r in results)
-    assert bar.n == bar.total == 2 * (2 + 1 + len(results[0].step_times))
-    iqr = torch.tensor(results[0].step_times).quantile(0.75) - torch.tensor(results[0].step_times).quantile(0.25)
-    assert results[0].iqr == pytest.approx(iqr.item()) and results[0].iqr < 0.1 * results[0].step_time
+    results = bench.compare_steps(models, x, rounds=4, warmup=1, max_time=1000, bar=bar, timer=timer)
+    assert [len(r.step_times) for r in results] == [13, 13] and all(r.stable for r in results)
+    assert results[0].step_time == 2.0 and results[0].iqr == 0.0
+    assert bar.n == bar.total == 2 * (2 + 1 + 13)
+
+    # Always noisy: rounds stop once --max-time seconds of timed steps are spent (4 + 8 rounds of 2.5 s).
+    models = {"torchvision": _Scripted(clock, [1.0, 3.0] * 100, 2.0), "other": _Scripted(clock, [], 0.5)}
+    results = bench.compare_steps(models, x, rounds=4, warmup=1, max_time=30, timer=timer)
+    assert len(results[0].step_times) == 12 and not results[0].stable
 
 
 def test_min_image_size_is_what_the_models_need():
@@ -149,7 +153,8 @@ def test_min_image_size_is_what_the_models_need():
 
 def test_max_depth_on_a_tiny_budget(capsys, tmp_path):
     out_json = tmp_path / "depth.json"
-    status, out, _ = run(capsys, "max-depth", "--budget", "4MiB", "--growth-rate", "4", "-b", "4",
+    backends = [arg for b in FAST_BACKENDS for arg in ("--backend", b)]
+    status, out, _ = run(capsys, "max-depth", "--budget", "4MiB", "--growth-rate", "4", "-b", "4", *backends,
                          "--img-size", "8", "--fit-depths", "10", "16", "22", "--verify-max-depth", "46",
                          "--json", str(out_json))
     assert status == 0
