@@ -1,23 +1,30 @@
-"""Measuring training steps: peak memory and step time of ours against torchvision, in one run.
+"""``densenet-fast bench``: peak memory and step time of ours against torchvision, measured in one run.
 
 A step is forward, ``.sum().backward()``. Each model gets a warm-up step first, so parameter
 gradients already exist and the peak counts activations and transients, as in a training loop
-that zeroes gradients in place. Step times are interleaved across models round by round and the
-median is reported, so a noisy neighbour on a shared machine hits every model alike.
+that zeroes gradients in place. Timing follows torch.utils.benchmark's rules: warm-up rounds that
+are not timed, then timed rounds until the interquartile range (IQR) is under 10% of the median
+(its "could indicate system fluctuation" threshold) or the time limit is spent, and the median
+and IQR are its ``Measurement``'s. The rounds are interleaved across models, so a noisy neighbour
+on a shared machine slows every model alike.
 """
 from __future__ import annotations
 
-import statistics
+import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Measurement, TaskSpec
 
 from .memory import peak_memory
+from .tools import (PROG, UsageError, autocast_dtype, check_backends, check_device, check_output_path, machine, require,
+                    write_csv, write_json)
 
 MiB = 1 << 20
+IQR_THRESHOLD = 0.1  # torch.utils.benchmark's _IQR_WARN_THRESHOLD: above it, "system fluctuation"
 
 
 @dataclass
@@ -25,10 +32,33 @@ class StepResult:
     name: str
     peak_bytes: int
     step_times: list[float] = field(default_factory=list)
+    images: int = 0  # per step (the batch), for the throughput
+
+    @property
+    def measurement(self) -> Optional[Measurement]:
+        if not self.step_times:
+            return None
+        return Measurement(number_per_run=1, raw_times=list(self.step_times), task_spec=TaskSpec(self.name, "pass"))
 
     @property
     def step_time(self) -> float:
-        return statistics.median(self.step_times) if self.step_times else float("nan")
+        m = self.measurement
+        return m.median if m else float("nan")
+
+    @property
+    def iqr(self) -> float:
+        m = self.measurement
+        return m.iqr if m else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median step time."""
+        return self.images / self.step_time if self.images else float("nan")
+
+    @property
+    def stable(self) -> bool:
+        m = self.measurement
+        return bool(m) and len(self.step_times) >= 4 and m.meets_confidence(IQR_THRESHOLD)
 
 
 def _sync(device: torch.device) -> None:
@@ -50,12 +80,25 @@ def make_step(model: nn.Module, x: torch.Tensor, autocast_dtype: Optional[torch.
     return step
 
 
-def compare_steps(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 3,
+def compare_steps(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5,
                   autocast_dtype: Optional[torch.dtype] = None,
-                  progress: Optional[Callable[[str], None]] = None) -> list[StepResult]:
-    """Peak memory and median step time of each model on the same input, measured in one run."""
-    results = []
+                  progress: Optional[Callable[[str], None]] = None, warmup: int = 1,
+                  max_time: Optional[float] = None, bar=None,
+                  timer: Callable[[], float] = time.perf_counter) -> list[StepResult]:
+    """Peak memory and step times of each model on the same input, measured in one run.
+
+    ``warmup`` untimed rounds, then at least ``rounds`` timed ones (0: memory only); with ``max_time``
+    (seconds of timed rounds), more rounds until every model's IQR is under 10% of its median.
+    ``bar`` (a tqdm) moves one step per training step run; its total grows with added rounds.
+    ``timer``: seconds, as torch.utils.benchmark.Timer's argument of that name.
+    """
+    results: list[StepResult] = []
     steps = {}
+
+    def ran(count: int = 1) -> None:
+        if bar is not None:
+            bar.update(count)
+
     for name, model in models.items():
         if progress:
             progress(f"{name}: warm-up and peak memory")
@@ -63,18 +106,40 @@ def compare_steps(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 3
         step = make_step(model, x, autocast_dtype)
         step()  # warm-up: allocator, kernels, parameter gradients
         _sync(x.device)
-        results.append(StepResult(name, peak_memory(step, x.device)))
+        ran()
+        results.append(StepResult(name, peak_memory(step, x.device), images=x.shape[0]))
+        ran()
         steps[name] = step
-    for r in range(rounds):
+    if rounds < 1:
+        return results
+    for r in range(warmup):
         if progress:
-            progress(f"timing round {r + 1}/{rounds}")
+            progress(f"warm-up round {r + 1}/{warmup}")
         for result in results:
-            _sync(x.device)
-            start = time.perf_counter()
+            steps[result.name]()
+            ran()
+    _sync(x.device)
+    timed, r = 0.0, 0
+    while r < rounds or (max_time is not None and timed < max_time and not all(x.stable for x in results)):
+        r += 1
+        if r > rounds and bar is not None:
+            bar.total += len(results)
+            bar.refresh()
+        if progress:
+            progress(f"timing round {r}" + (f"/{rounds}" if r <= rounds else " (until the IQR is < 10%)"))
+        for result in results:
+            start = timer()
             steps[result.name]()
             _sync(x.device)
-            result.step_times.append(time.perf_counter() - start)
+            result.step_times.append(timer() - start)
+            timed += result.step_times[-1]
+            ran()
     return results
+
+
+def planned_steps(n_models: int, rounds: int, warmup: int) -> int:
+    """Training steps ``compare_steps`` runs before any added round."""
+    return n_models * (2 + (warmup + rounds if rounds else 0))
 
 
 def activation_peak(model: nn.Module, x: torch.Tensor) -> int:
@@ -88,12 +153,24 @@ def activation_peak(model: nn.Module, x: torch.Tensor) -> int:
 def format_table(results: list[StepResult], baseline: str) -> str:
     """A markdown table with ratios against the result named ``baseline``."""
     base = next(r for r in results if r.name == baseline)
-    lines = ["| model | peak memory | vs " + baseline + " | step time | vs " + baseline + " |",
-             "|---|---|---|---|---|"]
+    lines = [f"| model | peak memory | vs {baseline} | step time (median) | IQR | images/s | vs {baseline} |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
+        noisy = "" if r.stable else " (noisy)" if len(r.step_times) >= 4 else " (< 4 runs)"
         lines.append(f"| {r.name} | {r.peak_bytes / MiB:.0f} MiB | {r.peak_bytes / base.peak_bytes:.3f}x "
-                     f"| {r.step_time:.3f} s | {r.step_time / base.step_time:.3f}x |")
+                     f"| {r.step_time:.3f} s | {r.iqr:.3f} s ({r.iqr / r.step_time:.0%}){noisy} "
+                     f"| {r.throughput:.1f} | {r.step_time / base.step_time:.3f}x |")
     return "\n".join(lines)
+
+
+def results_rows(results: list[StepResult], baseline: str = "torchvision") -> list[dict]:
+    """One dict per result with ratios against ``baseline`` (for JSON/CSV output)."""
+    base = next(r for r in results if r.name == baseline)
+    return [{"model": r.name, "peak_bytes": r.peak_bytes, "peak_mib": round(r.peak_bytes / MiB, 2),
+             "memory_vs_baseline": round(r.peak_bytes / base.peak_bytes, 4),
+             "step_time_s": round(r.step_time, 4), "iqr_s": round(r.iqr, 4), "stable": r.stable,
+             "images_per_s": float(f"{r.throughput:.4g}"), "time_vs_baseline": round(r.step_time / base.step_time, 4),
+             "step_times_s": [round(t, 4) for t in r.step_times]} for r in results]
 
 
 def torchvision_densenet_bc(depth: int, growth_rate: int = 12, num_classes: int = 10,
@@ -101,8 +178,7 @@ def torchvision_densenet_bc(depth: int, growth_rate: int = 12, num_classes: int 
     """torchvision's DenseNet in the DenseNet-BC CIFAR configuration (3x3 stem, no pooling stem)."""
     import torchvision
 
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1, got {depth}")
+    check_bc_depth(depth)
     n = (depth - 4) // 6
     model = torchvision.models.DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes,
                                         memory_efficient=memory_efficient)
@@ -112,12 +188,39 @@ def torchvision_densenet_bc(depth: int, growth_rate: int = 12, num_classes: int 
     return model
 
 
-# --- What the CLI compares --------------------------------------------------------------------------
+def check_bc_depth(depth: int) -> None:
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1, got {depth}")
+
+
+# --- What the command compares ----------------------------------------------------------------------
 
 MODEL_NAMES = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BASELINE = "torchvision"
+
+
+def last_block_side(model: Optional[str], side: int) -> int:
+    """The image side the last dense block sees: a DenseNet-BC (stride-1 stem) halves it in each of its 2
+    transitions (2x2 average pooling); the ImageNet models first run a 7x7 stride-2 conv and a 3x3
+    stride-2 max pool (both padded), then 3 transitions."""
+    if model is None:
+        return side // 4
+    side = (side - 1) // 2 + 1
+    side = (side - 1) // 2 + 1
+    return side // 8
+
+
+def min_image_size(model: Optional[str], batch: int = 2) -> int:
+    """The smallest image side a training step of ``batch`` images runs at: the last block needs a pixel,
+    and its batch norms more than one value per channel (batch x side^2 > 1). Batch 2 or more: 4 for a
+    DenseNet-BC, 29 for the ImageNet models (torchvision's ``min_size`` for their weights)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    side = 1
+    while last_block_side(model, side) < 1 or batch * last_block_side(model, side) ** 2 < 2:
+        side += 1
+    return side
 
 
 class Pinned(nn.Module):
@@ -172,15 +275,6 @@ def comparison_models(model: Optional[str], depth: Optional[int], backends: list
     return models
 
 
-def results_rows(results: list[StepResult], baseline: str = BASELINE) -> list[dict]:
-    """One dict per result with ratios against ``baseline`` (for JSON/CSV output)."""
-    base = next(r for r in results if r.name == baseline)
-    return [{"model": r.name, "peak_bytes": r.peak_bytes, "peak_mib": round(r.peak_bytes / MiB, 2),
-             "memory_vs_baseline": round(r.peak_bytes / base.peak_bytes, 4),
-             "step_time_s": round(r.step_time, 4), "time_vs_baseline": round(r.step_time / base.step_time, 4),
-             "step_times_s": [round(t, 4) for t in r.step_times]} for r in results]
-
-
 # --- Memory of a whole training step --------------------------------------------------------------
 
 def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
@@ -208,209 +302,134 @@ def training_memory(fn: Callable[[], object], model: nn.Module, optimizer: Optio
     return out[0], before + peak
 
 
-# --- Deepest DenseNet-BC within a memory budget ---------------------------------------------------
-#
-# total(depth) = state(depth) + input + transient(depth, batch), where
-#   state      = parameters + buffers + gradients + SGD momentum buffers, counted exactly from the
-#                architecture (no model is built for it);
-#   transient  = the peak of what one training step (forward, cross-entropy, backward, SGD step)
-#                allocates on top of that: activations, saved tensors, temporaries.
-# The transient part is measured at a few small depths, fitted with a quadratic in depth, the budget
-# equation is solved on the fit, and the answer is measured again ("verified") to correct the fit.
-# On CUDA every measurement is at the requested batch (torch.cuda.max_memory_allocated). On CPU the
-# profiler measures batches 1 and 2, transient = fixed + batch * per_image, so the answer is an
-# estimate for the requested batch.
-
-MAX_DEPTH_KINDS = ("torchvision", "torchvision memory_efficient")
 
 
-def bc_counts(depth: int, growth_rate: int, num_classes: int = 10) -> tuple[int, int]:
-    """(parameter count, buffer bytes at float32 running stats) of a DenseNet-BC, torchvision's layout."""
-    n = (depth - 4) // 6
-    k = growth_rate
-    channels = 2 * k
-    params = 3 * channels * 9  # conv0, 3x3
-    stats = 0  # running mean + var entries
-    batch_counters = 0  # num_batches_tracked, int64
-    for block in range(3):
-        for _ in range(n):
-            params += 2 * channels + channels * 4 * k + 2 * 4 * k + 4 * k * k * 9
-            stats += 2 * channels + 2 * 4 * k
-            batch_counters += 2
-            channels += k
-        if block < 2:
-            params += 2 * channels + channels * (channels // 2)
-            stats += 2 * channels
-            batch_counters += 1
-            channels //= 2
-    params += 2 * channels + channels * num_classes + num_classes  # norm5, classifier
-    stats += 2 * channels
-    batch_counters += 1
-    return params, stats * 4 + batch_counters * 8
+# --- The command --------------------------------------------------------------------------------------
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check of ``densenet-fast bench``'s input, before anything is built or measured; fills in
+    ``args.model``, ``args.img_size``, ``args.device``, ``args.backends``, ``args.amp_dtype``."""
+    err = f"{PROG} bench: error:"
+    if args.model and args.depth:
+        raise UsageError(f"{err} give a model name or --depth, not both")
+    args.model = None if args.depth else (args.model or "densenet121")
+    args.img_size = args.img_size or (32 if args.depth else 224)
+    for depth in ([args.depth] if args.depth else []) + (args.plot_depths if args.plot else []):
+        try:
+            check_bc_depth(depth)
+        except ValueError as e:
+            raise UsageError(f"{err} {e}") from None
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),
+                               ("--warmup", args.warmup, 0), ("--plot-batch", args.plot_batch, 1),
+                               ("--growth-rate", args.growth_rate, 1)):
+        if value < least:
+            raise UsageError(f"{err} {flag} must be at least {least}, got {value}")
+    if args.plot and min(args.plot_batches) < 1:
+        raise UsageError(f"{err} --plot-batches must be at least 1, got {min(args.plot_batches)}")
+    batch = min([args.batch_size] + (args.plot_batches if args.plot else []))  # the plot's batch panel too
+    smallest = min_image_size(args.model, batch)
+    what = args.model or "a DenseNet-BC"
+    if args.img_size < smallest:
+        raise UsageError(f"{err} --img-size {args.img_size} is too small for {what} at batch {batch}: "
+                         f"its stem, transitions and batch norms need at least {smallest}x{smallest}")
+    plot_smallest = min_image_size(None, args.plot_batch) if args.plot else 0
+    if args.plot and args.plot_size < plot_smallest:
+        raise UsageError(f"{err} --plot-size must be at least {plot_smallest}, got {args.plot_size}")
+    if args.max_time is not None and args.max_time < 0:
+        raise UsageError(f"{err} --max-time must be >= 0 seconds, got {args.max_time}")
+    args.amp_dtype = autocast_dtype(args.amp, args.amp_dtype)
+    if args.amp_dtype is not None and args.dtype != "float32":
+        raise UsageError(f"{err} --amp runs float32 weights under autocast; drop --dtype {args.dtype}")
+    args.device = check_device(args.device)
+    args.backends = check_backends(args.backend, args.device, args.amp_dtype or DTYPES[args.dtype])
+    for flag in ("json", "csv", "plot"):
+        check_output_path(getattr(args, flag), f"--{flag}")
+    if args.plot:
+        require("matplotlib", "--plot")
+        from matplotlib.figure import Figure
+
+        suffix = args.plot.rsplit(".", 1)[-1].lower() if "." in args.plot else ""
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise UsageError(f"{err} --plot {args.plot}: expected a file name ending in one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
 
 
-def bc_state_bytes(depth: int, growth_rate: int, element_size: int = 4) -> int:
-    """Parameters, gradients and SGD momentum (3 copies of the parameters) plus BN buffers."""
-    params, buffers = bc_counts(depth, growth_rate)
-    return 3 * params * element_size + buffers
+def run(args: argparse.Namespace) -> int:
+    """``densenet-fast bench`` after ``validate``."""
+    from tqdm import tqdm
+
+    device, amp, dtype = args.device, args.amp_dtype, DTYPES[args.dtype]
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    what = args.model or f"DenseNet-BC depth {args.depth} k={args.growth_rate}"
+    precision = (f"autocast {str(amp).removeprefix('torch.')}" if amp else args.dtype) + (
+        ", channels_last" if args.channels_last else "")
+    n_models = 2 + args.compile + len(args.backends)
+    sweeps = [(None, d, args.plot_batch, args.plot_size, "depth", d) for d in args.plot_depths] + [
+        (args.model, args.depth, b, args.img_size, "batch", b) for b in args.plot_batches] if args.plot else []
+    bar = tqdm(total=planned_steps(n_models, args.rounds, args.warmup) + len(sweeps) * planned_steps(n_models, 0, 0),
+               desc=f"bench {what}", unit="step", leave=False, dynamic_ncols=True)
+
+    def measure(model_name, depth, batch, side, rounds) -> list[StepResult]:
+        models = comparison_models(model_name, depth, args.backends, args.growth_rate, args.compile)
+        models = {name: m.to(device=device, dtype=dtype, memory_format=layout) for name, m in models.items()}
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
+        return compare_steps(models, x, rounds=rounds, autocast_dtype=amp, progress=bar.set_postfix_str,
+                             warmup=args.warmup, max_time=args.max_time, bar=bar)
+
+    results = measure(args.model, args.depth, args.batch_size, args.img_size, args.rounds)
+    points: dict[str, list] = {}
+    for model_name, depth, batch, side, key, value in sweeps:  # memory only, no timing rounds
+        bar.set_description(f"plot: {key} {value}")
+        for r in measure(model_name, depth, batch, side, 0):
+            points.setdefault(key, []).append({"model": r.name, key: value, "peak_bytes": r.peak_bytes})
+    bar.close()
+
+    print(f"Training step of {what}, batch {args.batch_size}, {args.img_size}x{args.img_size}, {precision}, "
+          f"{device.type}; {machine(device)}\n")
+    print(format_table(results, BASELINE))
+    rounds = len(results[0].step_times)
+    print(f"\npeak memory: what a training step (forward, sum().backward()) allocates on top of the parameters and "
+          f"their gradients: activations, saved tensors, temporaries. Step time: median of {rounds} interleaved "
+          f"timed steps per model after {args.warmup} warm-up round(s); IQR: the spread of the middle half "
+          f"({'noisy: over 10% of the median' if not all(r.stable for r in results) else 'every IQR under 10%'}).")
+    config = {"model": what, "batch": args.batch_size, "img_size": args.img_size, "precision": precision,
+              "device": str(device), "compile": args.compile, "backends": args.backends, "rounds": rounds,
+              "warmup": args.warmup, "machine": machine(device), "command": " ".join([PROG] + args.argv)}
+    rows = results_rows(results, BASELINE)
+    if args.json:
+        write_json(args.json, {"config": config, "results": rows, "sweeps": points})
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.plot:
+        plot_memory(args.plot, points, f"DenseNet-BC k={args.growth_rate}, batch {args.plot_batch}, "
+                    f"{args.plot_size}x{args.plot_size}", f"{what}, {args.img_size}x{args.img_size}",
+                    f"{precision}, {machine(device)}")
+        print(f"plot: {args.plot}")
+    return 0
 
 
-def bc_depths(n_max: int) -> list[int]:
-    return [6 * n + 4 for n in range(1, n_max + 1)]
+def plot_memory(path: str, sweeps: dict[str, list], depth_title: str, batch_title: str, footer: str) -> None:
+    """Two panels: peak memory against DenseNet-BC depth, and against batch size, one line per model."""
+    matplotlib = require("matplotlib", "--plot")
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
 
-
-def _bc_model(kind: str, depth: int, growth_rate: int) -> nn.Module:
-    if kind.startswith("densenet_fast"):
-        from .builders import densenet_bc
-
-        model = densenet_bc(depth, growth_rate)
-        backend = kind[len("densenet_fast["):-1] if "[" in kind else None
-        return Pinned(model, backend) if backend else model
-    return torchvision_densenet_bc(depth, growth_rate, memory_efficient=kind.endswith("memory_efficient"))
-
-
-def measure_step_transient(kind: str, depth: int, growth_rate: int, batch: int, size: int,
-                           device: torch.device) -> float:
-    """Peak bytes one SGD-momentum training step allocates above the model's state; inf when CUDA runs out."""
-    torch.manual_seed(0)
-    model = _bc_model(kind, depth, growth_rate).to(device).train()
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    optimizer.step()  # creates the momentum buffers (zero gradients: the weights don't move)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-
-    def step(model=model, optimizer=optimizer, x=x, y=y) -> None:
-        optimizer.zero_grad(set_to_none=False)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    try:
-        if device.type == "cuda":
-            step()  # warm-up: kernels, cuDNN workspaces, allocator
-        peak = float(peak_memory(step, device))
-    except torch.cuda.OutOfMemoryError:
-        peak = float("inf")
-    del step, model, optimizer, x, y  # free them (and the cached blocks) before the next depth
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return peak
-
-
-@dataclass
-class MaxDepthResult:
-    kind: str
-    depth: int  # 0 when not even the smallest depth fits
-    parameters: int
-    state_bytes: int
-    input_bytes: int
-    transient_bytes: float
-    next_depth_bytes: float  # estimated total of the next DenseNet-BC depth (the first that does not fit)
-    measured: bool  # True: the transient is measured at the requested batch (CUDA or a small batch)
-    verified_depth: int
-    fit_error: float  # measured / fitted transient at verified_depth, minus 1
-    seconds: float
-
-    @property
-    def total_bytes(self) -> float:
-        return self.state_bytes + self.input_bytes + self.transient_bytes
-
-
-def _quadratic_fit(depths: list[int], values: list[float]):
-    """Least-squares a + b*d + c*d^2 with b, c >= 0 (memory does not shrink as a net deepens)."""
-    import numpy as np
-
-    d = np.asarray(depths, dtype=float)
-    v = np.asarray(values, dtype=float)
-    for columns in ([0, 1, 2], [0, 1], [0]):
-        design = np.stack([d ** p for p in columns], 1)
-        coef = np.linalg.lstsq(design, v, rcond=None)[0]
-        if all(c >= 0 for c in coef[1:]):
-            full = [0.0, 0.0, 0.0]
-            for p, c in zip(columns, coef):
-                full[p] = float(c)
-            return lambda x, f=full: f[0] + f[1] * x + f[2] * x * x
-    raise AssertionError("unreachable: a constant fit has no slope to constrain")
-
-
-def _largest_fitting_n(total: Callable[[int], float], budget: float) -> int:
-    """Largest n >= 0 with total(6n + 4) <= budget (n = 0: none fits), for an increasing ``total``."""
-    if total(10) > budget:
-        return 0
-    lo, hi = 1, 2
-    while total(6 * hi + 4) <= budget:
-        lo, hi = hi, hi * 2
-        if hi > 1 << 20:
-            raise ValueError("the budget is so large that no depth reaches it (the fit does not grow)")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(6 * mid + 4) <= budget else (lo, mid)
-    return lo
-
-
-def _available_ram() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return float("inf")
-
-
-def max_depth(kind: str, budget: float, growth_rate: int, batch: int, size: int, device: torch.device,
-              fit_depths: tuple[int, ...] = (40, 100, 250), verify_max_depth: Optional[int] = None,
-              verify_rounds: int = 2, progress: Optional[Callable[[str], None]] = None) -> MaxDepthResult:
-    """The deepest DenseNet-BC(k=growth_rate) of ``kind`` whose training step fits in ``budget`` bytes.
-
-    The fit is checked at the answer, or at ``verify_max_depth`` when the answer is deeper (a CPU
-    step at depth 3000 takes minutes), and on CPU at most at the depth that fits in half of the
-    free RAM. The check's measured/fitted ratio then scales the fitted transient.
-    """
-    start = time.perf_counter()
-    device = torch.device(device)
-    say = progress or (lambda message: None)
-    # CPU: measure at batches 1 and 2 and extrapolate, unless the requested batch is that small already.
-    small = [batch] if device.type == "cuda" or batch <= 2 else [1, 2]
-    input_bytes = batch * 3 * size * size * 4 + batch * 8
-
-    fixed, per_image = [], []
-    for d in fit_depths:
-        say(f"measuring depth {d}")
-        t = [measure_step_transient(kind, d, growth_rate, b, size, device) for b in small]
-        if len(t) == 1:
-            fixed.append(0.0), per_image.append(t[0] / batch)
-        else:  # t = fixed + b * per_image at b = 1, 2
-            per_image.append(t[1] - t[0]), fixed.append(max(0.0, 2 * t[0] - t[1]))
-    fit_fixed, fit_per_image = _quadratic_fit(list(fit_depths), fixed), _quadratic_fit(list(fit_depths), per_image)
-    correction = 1.0
-
-    def fitted(d: int, b: int) -> float:
-        return fit_fixed(d) + b * fit_per_image(d)
-
-    def total(d: int) -> float:
-        return bc_state_bytes(d, growth_rate) + input_bytes + correction * fitted(d, batch)
-
-    cap = verify_max_depth or float("inf")
-    if device.type == "cpu":
-        ram = _available_ram() / 2
-        cap = min(cap, 6 * _largest_fitting_n(lambda d: bc_state_bytes(d, growth_rate) + fitted(d, small[0]), ram) + 4)
-    verified, fit_error = 0, 0.0
-    n = _largest_fitting_n(total, budget)
-    for _ in range(verify_rounds):
-        d = min(6 * n + 4, 6 * ((cap - 4) // 6) + 4)
-        if n == 0 or d == verified or d < 10:
-            break
-        say(f"checking the fit at depth {d}")
-        t = measure_step_transient(kind, d, growth_rate, small[0], size, device)
-        expected = fitted(d, small[0])
-        correction = t / expected if expected > 0 else 1.0
-        verified, fit_error = d, correction - 1.0
-        n = _largest_fitting_n(total, budget)
-    depth = 6 * n + 4 if n else 0
-    return MaxDepthResult(kind, depth, bc_counts(depth, growth_rate)[0] if depth else 0,
-                          bc_state_bytes(depth, growth_rate) if depth else 0, input_bytes,
-                          correction * fitted(depth, batch) if depth else 0.0, total(6 * (n + 1) + 4),
-                          len(small) == 1, verified, fit_error, time.perf_counter() - start)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, title in ((axes[0], "depth", depth_title), (axes[1], "batch", batch_title)):
+        points = sweeps.get(key, [])
+        for name in dict.fromkeys(p["model"] for p in points):
+            xs = [p[key] for p in points if p["model"] == name]
+            ys = [p["peak_bytes"] / MiB for p in points if p["model"] == name]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel(key)
+        ax.set_ylabel("peak training-step memory (MiB)")
+        ax.set_title(f"memory vs {key}: {title}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if points:
+            ax.legend(fontsize=8)
+    fig.text(0.5, 0.01, footer, ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,38 +1,40 @@
 """The ``densenet-fast`` command (also ``python -m densenet_fast``).
 
-    densenet-fast bench [densenet121 | --depth 100] [--batch 8] [--size 224] [--amp bf16] [--plot mem.png]
-    densenet-fast train [--depth 16] [--epochs 6] [--checkpoint ckpt.pt] [--resume]
-    densenet-fast max-depth [--budget 12GiB] [--growth-rate 12] [--batch 64] [--size 32]
+    densenet-fast bench [densenet121 | --depth 100] [-b 8] [--img-size 224] [--amp] [--plot mem.png]
+    densenet-fast train [--data-dir DIR] [--depth 16] [--epochs 6] [--checkpoint ckpt.pt] [--resume]
+    densenet-fast max-depth [--budget 12GiB] [--growth-rate 12] [-b 64] [--img-size 32]
     densenet-fast                      # the README's main job: check, train, bench table
 
-Bad input (an unknown model, a budget too small, ``--device cuda`` without CUDA) is reported as one
-line on stderr with exit status 2, not a traceback.
+Flags follow timm's names (-b/--batch-size, --img-size, --amp/--amp-dtype, --channels-last, --device).
+Bad input (an unknown model, a budget too small, an unwritable --json, ``--device cuda`` without
+CUDA) is one line on stderr and exit status 2, found before any work starts. Anything else that goes
+wrong is a traceback; a fatal signal prints Python's traceback too (faulthandler). The CPU profiler's
+own log lines are filtered out where the profiler starts and stops (``densenet_fast/memory.py``),
+never by hiding stderr.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import json
+import faulthandler
 import os
-import platform
-import re
 import sys
-import tempfile
-from typing import Iterator, Optional, TextIO
+from typing import Optional
 
 import torch
-from tqdm import tqdm
 
-from . import bench as B
-from .ops import available_backends
-from .train import TrainConfig, autocast_dtype, resolve_device, train
-
-PROG = "densenet-fast"
+from . import bench, max_depth
+from .tools import AMP_DTYPES, PROG, UsageError, check_output_path, default_device, parse_size, require
+from .train import MODELS, TrainConfig
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default in the help text (written out by hand where it depends on other flags), and the
+    description as written."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.nargs == 0:  # said already; or an on/off flag
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,355 +42,228 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-# --- Helpers shared by the commands ---------------------------------------------------------------
+class _ImpliesAmp(argparse.Action):
+    """--amp-dtype X also turns --amp on (timm ignores it without --amp; silently ignoring it is worse)."""
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10 ** 3, "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
-          "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9, "t": 1 << 40, "tib": 1 << 40, "tb": 10 ** 12}
-
-
-def parse_size(text: str) -> int:
-    """'12GiB' -> bytes. GiB/MiB are binary, GB/MB decimal, a bare G or M binary."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 12GiB, 500MiB, 16GB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.amp = True
 
 
-def human(nbytes: float) -> str:
-    if nbytes == float("inf"):
-        return "out of memory"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(nbytes) >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes:.0f} B"
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({torch.get_num_threads()} threads), "
-            f"torch {torch.__version__}, no GPU used")
+# --- Flags shared by the commands (timm's names) ------------------------------------------------------
+
+def _add_batch_size(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("-b", "--batch-size", type=int, default=default, help="images per training step")
+    p.add_argument("--batch", type=int, dest="batch_size", help=argparse.SUPPRESS)  # the old spelling
 
 
-_NATIVE_LOG = re.compile(r"^(STAGE|USDT|ERROR|WARNING|INFO):\d{4}-\d\d-\d\d [0-9:]+ \d+:\d+ \w+\.cpp:\d+\]"
-                         r"|^\[W\d+ [0-9:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size")
+def _add_img_size(p: argparse.ArgumentParser, default: Optional[int], help: str) -> None:
+    p.add_argument("--img-size", type=int, default=default, metavar="SIDE", help=help)
+    p.add_argument("--size", type=int, dest="img_size", help=argparse.SUPPRESS)  # the old spelling
 
 
-@contextlib.contextmanager
-def quiet_profiler() -> Iterator[TextIO]:
-    """Hide the CPU profiler's native log lines ('profiler_start', 'gpuGetDeviceCount failed'...).
-
-    They are written by C++ straight to file descriptor 2, so fd 2 goes to a temporary file while
-    measuring and everything else in it is replayed afterwards. Yields a stream on the real stderr
-    for progress bars.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    real = os.fdopen(os.dup(saved), "w", buffering=1)
-    with tempfile.TemporaryFile(mode="w+") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield real
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            real.close()
-            capture.seek(0)
-            for line in capture:
-                if not _NATIVE_LOG.match(line):
-                    sys.stderr.write(line)
+def _add_device_and_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N; cuda where available")
+    p.add_argument("--amp", action="store_true", help="autocast (mixed precision); the weights stay float32")
+    p.add_argument("--amp-dtype", choices=list(AMP_DTYPES), default="bfloat16", action=_ImpliesAmp,
+                   help="autocast dtype; implies --amp")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
 
 
-def _device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as err:
-        raise UsageError(f"{PROG}: error: {err}") from None
+def _add_backend(p: argparse.ArgumentParser, every: bool) -> None:
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="only this densenet_fast backend: torch, cpp or triton (repeatable) (default: "
+                   + ("every one available here)" if every else "the best one for the device)"))
 
-
-def _backends(requested: Optional[list[str]], device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The requested (default: all available) backends that can compute on ``dtype`` tensors on ``device``;
-    the others are named on stderr."""
-    from .ops import backend_for, get_backend_name, set_backend
-
-    available = available_backends()
-    missing = [b for b in requested or [] if b not in available]
-    if missing:
-        raise UsageError(f"{PROG}: error: backend {missing[0]!r} is not available here (available: {available})")
-    usable = []
-    previous = get_backend_name()
-    probe = torch.empty(2, 1, 1, 1, device=device, dtype=dtype)
-    for name in requested or available:
-        try:
-            set_backend(name)
-            backend_for(probe)
-            usable.append(name)
-        except (TypeError, ValueError, RuntimeError) as err:
-            print(f"{PROG}: skipping backend {name!r} for {dtype} on {device.type}: {err}", file=sys.stderr)
-        finally:
-            set_backend(previous)
-    if not usable:
-        raise UsageError(f"{PROG}: error: no densenet_fast backend computes on {dtype} tensors on {device.type}")
-    return usable
-
-
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    fields = [k for k in rows[0] if not isinstance(rows[0][k], list)]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-# --- bench ----------------------------------------------------------------------------------------
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.model and args.depth:
-        raise UsageError(f"{PROG} bench: error: give a model name or --depth, not both")
-    model = None if args.depth else (args.model or "densenet121")
-    size = args.size or (32 if args.depth else 224)
-    device = _device(args.device)
-    if args.amp and args.dtype != "float32":
-        raise UsageError(f"{PROG} bench: error: --amp runs float32 weights under autocast; drop --dtype {args.dtype}")
-    dtype, amp = B.DTYPES[args.dtype], autocast_dtype(args.amp)
-    backends = _backends(args.backend, device, amp or dtype)
-    what = model or f"DenseNet-BC depth {args.depth} k={args.growth_rate}"
-    precision = f"autocast {args.amp}" if amp else args.dtype
-
-    def measure(model_name, depth, batch, side, rounds, bar) -> list[B.StepResult]:
-        models = B.comparison_models(model_name, depth, backends, args.growth_rate, args.compile)
-        models = {name: m.to(device=device, dtype=dtype) for name, m in models.items()}
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
-        return B.compare_steps(models, x, rounds=rounds, autocast_dtype=amp, progress=bar.set_postfix_str)
-
-    header = (f"Training step of {what}, batch {args.batch}, {size}x{size}, {precision}, {device.type}; "
-              f"{machine(device)}")
-    if min([args.batch, args.rounds + 1, size] + args.plot_batches + args.plot_depths) < 1:
-        raise UsageError(f"{PROG} bench: error: batches, sizes, depths must be positive and --rounds >= 0")
-    sweeps: dict[str, list] = {}
-    with quiet_profiler() as stream:
-        bar = tqdm(total=1 + (len(args.plot_depths) + len(args.plot_batches) if args.plot else 0),
-                   desc="bench", file=stream, leave=False, dynamic_ncols=True)
-        bar.set_description(f"bench {what}")
-        results = measure(model, args.depth, args.batch, size, args.rounds, bar)
-        bar.update()
-        if args.plot:
-            # Memory only (no timing rounds): DenseNet-BC over depth, then the benchmarked model over batch.
-            for d in args.plot_depths:
-                bar.set_description(f"plot: DenseNet-BC depth {d}")
-                for r in measure(None, d, args.plot_batch, args.plot_size, 0, bar):
-                    sweeps.setdefault("depth", []).append({"model": r.name, "depth": d, "peak_bytes": r.peak_bytes})
-                bar.update()
-            for b in args.plot_batches:
-                bar.set_description(f"plot: {what} batch {b}")
-                for r in measure(model, args.depth, b, size, 0, bar):
-                    sweeps.setdefault("batch", []).append({"model": r.name, "batch": b, "peak_bytes": r.peak_bytes})
-                bar.update()
-        bar.close()
-
-    print(f"{header}\n")
-    print(B.format_table(results, B.BASELINE))
-    print("\npeak memory: what a training step (forward, sum().backward()) allocates on top of the parameters and "
-          "their gradients: activations, saved tensors, temporaries. Step time: median of "
-          f"{args.rounds} interleaved steps.")
-    config = {"model": what, "batch": args.batch, "size": size, "precision": precision, "device": str(device),
-              "compile": args.compile, "backends": backends, "machine": machine(device),
-              "command": " ".join([PROG] + args.argv)}
-    rows = B.results_rows(results)
-    if args.json:
-        _write_json(args.json, {"config": config, "results": rows, "sweeps": sweeps})
-    if args.csv:
-        _write_csv(args.csv, rows)
-    if args.plot:
-        plot_memory(args.plot, sweeps, f"DenseNet-BC k={args.growth_rate}, batch {args.plot_batch}, "
-                    f"{args.plot_size}x{args.plot_size}", f"{what}, {size}x{size}", f"{precision}, {machine(device)}")
-        print(f"plot: {args.plot}")
-    return 0
-
-
-def plot_memory(path: str, sweeps: dict[str, list], depth_title: str, batch_title: str, footer: str) -> None:
-    """Two panels: peak memory against DenseNet-BC depth, and against batch size, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, title in ((axes[0], "depth", depth_title), (axes[1], "batch", batch_title)):
-        points = sweeps.get(key, [])
-        for name in dict.fromkeys(p["model"] for p in points):
-            xs = [p[key] for p in points if p["model"] == name]
-            ys = [p["peak_bytes"] / B.MiB for p in points if p["model"] == name]
-            ax.plot(xs, ys, marker="o", label=name)
-        ax.set_xlabel(key)
-        ax.set_ylabel("peak training-step memory (MiB)")
-        ax.set_title(f"memory vs {key}: {title}", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        if points:
-            ax.legend(fontsize=8)
-    fig.text(0.5, 0.01, footer, ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --- train ----------------------------------------------------------------------------------------
-
-def run_train(args: argparse.Namespace) -> int:
-    _device(args.device)
-    config = TrainConfig(depth=args.depth, growth_rate=args.growth_rate, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
-                         checkpoint=args.checkpoint, resume=args.resume, seed=args.seed)
-    with quiet_profiler():
-        history = train(config, log=tqdm.write)
-    if args.json:
-        _write_json(args.json, {"config": vars(config), "epochs": [vars(h) for h in history]})
-    return 0
-
-
-# --- max-depth ------------------------------------------------------------------------------------
-
-def run_max_depth(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    if len(set(args.fit_depths)) < 3 or any(d < 10 or (d - 4) % 6 for d in args.fit_depths):
-        raise UsageError(f"{PROG} max-depth: error: --fit-depths needs at least 3 different depths of the form 6n+4")
-    if args.batch < 1 or args.size < 8:
-        raise UsageError(f"{PROG} max-depth: error: --batch must be >= 1 and --size >= 8")
-    floor = B.bc_state_bytes(10, args.growth_rate) + args.batch * (3 * args.size * args.size * 4 + 8)
-    if floor > args.budget:  # no need to measure anything
-        raise UsageError(f"{PROG} max-depth: error: budget {human(args.budget)} is too small: DenseNet-BC depth 10 "
-                         f"(k={args.growth_rate}, batch {args.batch}, {args.size}x{args.size}) needs more than "
-                         f"{human(floor)} before any activation")
-    kinds = [f"densenet_fast[{b}]" for b in _backends(args.backend, device, torch.float32)] + list(B.MAX_DEPTH_KINDS)
-    estimate = device.type == "cpu" and args.batch > 2
-    results = []
-    with quiet_profiler() as stream:
-        bar = tqdm(kinds, desc="max-depth", file=stream, leave=False, dynamic_ncols=True)
-        for kind in bar:
-            bar.set_description(kind)
-            verify_cap = args.verify_max_depth or (1000 if device.type == "cpu" else None)
-            results.append(B.max_depth(kind, args.budget, args.growth_rate, args.batch, args.size, device,
-                                       tuple(args.fit_depths), verify_cap, progress=bar.set_postfix_str))
-        bar.close()
-    if all(r.depth == 0 for r in results):
-        raise UsageError(f"{PROG} max-depth: error: budget {human(args.budget)} is too small: even DenseNet-BC depth 10 "
-                         f"(k={args.growth_rate}, batch {args.batch}, {args.size}x{args.size}) needs about "
-                         f"{human(min(r.next_depth_bytes for r in results))}")
-
-    print(f"Deepest DenseNet-BC (k={args.growth_rate}) whose training step fits in {human(args.budget)}: batch "
-          f"{args.batch}, {args.size}x{args.size}, float32, SGD with momentum; {machine(device)}\n")
-    print("| model | depth | parameters | peak (" + ("estimated" if estimate else "measured")
-          + ") | of which params+grads+momentum | next depth would need | fit checked at | fit error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        depth = str(r.depth) if r.depth else "none fits"
-        print(f"| {r.kind} | {depth} | {r.parameters / 1e6:.1f} M | {human(r.total_bytes)} | {human(r.state_bytes)} | "
-              f"{human(r.next_depth_bytes)} | {r.verified_depth or '-'} | {r.fit_error:+.1%} |")
-    print("\ncounted: parameters, BN buffers, gradients and SGD momentum buffers (3 x parameter bytes, from the "
-          "architecture), the input batch, and the peak of what a training step (forward, cross-entropy, backward, "
-          "SGD step) allocates on top: activations, saved tensors, temporaries. That step peak is measured at depths "
-          f"{', '.join(map(str, args.fit_depths))}, fitted with a quadratic in depth, and measured again at the "
-          "answer (or at --verify-max-depth when the answer is deeper; 'fit checked at') to correct the fit.")
-    if estimate:
-        print(f"CPU: an estimate. The step peak is measured with the profiler at batches 1 and 2 and scaled to batch "
-              f"{args.batch} (the per-image part scales with the batch, the rest doesn't); the fit check is at batch 1.")
-    if args.json:
-        _write_json(args.json, {"config": {"budget_bytes": args.budget, "growth_rate": args.growth_rate,
-                                           "batch": args.batch, "size": args.size, "device": str(device),
-                                           "estimate": estimate, "machine": machine(device)},
-                                "results": [dict(vars(r), total_bytes=r.total_bytes) for r in results]})
-    return 0
-
-
-# --- The parser and the entry point ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train torchvision-compatible DenseNets in a fraction of the memory. "
-                     "With no command: a float64 check against torchvision, `train` with its defaults, "
-                     "then a `bench` table.")
+    parser = _Parser(prog=PROG, formatter_class=_HelpFormatter,
+                     description="Train torchvision-compatible DenseNets in a fraction of the memory. With no "
+                     "command: a float64 check against torchvision, `train` with its defaults, then a `bench` table.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="{bench,train,max-depth}")
 
-    p = commands.add_parser("bench", help="peak memory and step time: ours (each backend) against torchvision")
-    p.add_argument("model", nargs="?", choices=B.MODEL_NAMES, help="torchvision model (default densenet121)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    p = command("bench", "peak memory and step time of a training step: ours (each backend) against torchvision")
+    p.add_argument("model", nargs="?", choices=bench.MODEL_NAMES, help="torchvision model (default: densenet121)")
     p.add_argument("--depth", type=int, help="a DenseNet-BC of this depth (6n+4) instead of a named model")
     p.add_argument("--growth-rate", type=int, default=12, help="k of --depth and of the plot's depth panel")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, help="image side (default 224, or 32 with --depth)")
-    p.add_argument("--dtype", choices=list(B.DTYPES), default="float32")
-    p.add_argument("--amp", choices=list(B.AMP_DTYPES), help="autocast dtype (weights stay float32)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=3, help="timed steps per model; the median is reported")
+    _add_batch_size(p, 8)
+    _add_img_size(p, None, "image side (default: 224, or 32 with --depth)")
+    p.add_argument("--dtype", choices=list(bench.DTYPES), default="float32", help="dtype of weights and input")
+    _add_device_and_precision(p)
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per model at least; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    p.add_argument("--max-time", type=float, default=60.0, metavar="SECONDS",
+                   help="more timed rounds, up to this many seconds of them, until every IQR is < 10%% of its "
+                   "median (0: exactly --rounds)")
     p.add_argument("--compile", action="store_true", help="also torch.compile'd torchvision")
-    p.add_argument("--backend", action="append", help="only this densenet_fast backend (repeatable)")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--csv", metavar="FILE")
-    p.add_argument("--plot", metavar="FILE.png", help="memory against depth and against batch")
-    p.add_argument("--plot-depths", type=int, nargs="+", default=[40, 100, 160, 250])
+    _add_backend(p, every=True)
+    p.add_argument("--json", metavar="FILE", help="config and results")
+    p.add_argument("--csv", metavar="FILE", help="results, one row per model")
+    p.add_argument("--plot", metavar="FILE.png", help="memory against depth and against batch (needs matplotlib)")
+    p.add_argument("--plot-depths", type=int, nargs="+", default=[40, 100, 160, 250], help="depth panel's depths")
     p.add_argument("--plot-batch", type=int, default=16, help="batch of the depth panel")
     p.add_argument("--plot-size", type=int, default=32, help="image side of the depth panel")
-    p.add_argument("--plot-batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.set_defaults(run=run_bench)
+    p.add_argument("--plot-batches", type=int, nargs="+", default=[1, 2, 4, 8], help="batch panel's batches")
+    p.set_defaults(validate=bench.validate, run=bench.run)
 
+    p = command("train", "train a DenseNet: on scikit-learn's digits, an ImageFolder directory or CIFAR-10")
+    p.add_argument("--data-dir", metavar="DIR", help="an ImageFolder directory (DIR/train, DIR/val) or torchvision's "
+                   "CIFAR-10 (DIR/cifar-10-batches-py); none: scikit-learn's digits")
+    p.add_argument("--dataset", choices=["auto", "digits", "folder", "cifar10"], default="auto",
+                   help="what --data-dir holds; auto: cifar10 if it has cifar-10-batches-py, else folder")
+    p.add_argument("--model", choices=MODELS, default="densenet_bc",
+                   help="densenet_bc: the CIFAR DenseNet-BC (--depth, --growth-rate); or an ImageNet DenseNet")
+    p.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default: 16, or the checkpoint's)")
+    p.add_argument("--growth-rate", type=int, help="DenseNet-BC k (default: 12, or the checkpoint's)")
     defaults = TrainConfig()
-    p = commands.add_parser("train", help="train a DenseNet-BC on scikit-learn's handwritten digits")
-    p.add_argument("--depth", type=int, default=defaults.depth, help="6n+4")
-    p.add_argument("--growth-rate", type=int, default=defaults.growth_rate)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--device", default=defaults.device)
-    p.add_argument("--amp", choices=list(B.AMP_DTYPES))
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="length of the cosine schedule")
+    _add_batch_size(p, defaults.batch_size)
+    p.add_argument("--lr", type=float, help="AdamW's base learning rate (default: 3e-3, or the checkpoint's)")
+    _add_img_size(p, defaults.img_size, "image side the data is resized to")
+    _add_device_and_precision(p)
+    _add_backend(p, every=False)
+    p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes for --data-dir (the digits are in memory)")
     p.add_argument("--checkpoint", metavar="PATH", help="write model, optimizer and epoch here after every epoch")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (a larger --epochs extends "
+                   "the schedule)")
+    p.add_argument("--seed", type=int, help="shuffling, augmentation, initial weights (default: 0, or the "
+                   "checkpoint's)")
     p.add_argument("--json", metavar="FILE", help="per-epoch statistics")
-    p.set_defaults(run=run_train)
+    p.set_defaults(validate=_validate_train, run=_run_train)
 
-    p = commands.add_parser("max-depth", help="deepest DenseNet-BC that trains within a memory budget")
-    p.add_argument("--budget", type=parse_size, default=parse_size("12GiB"), help="e.g. 12GiB (default), 500MiB")
-    p.add_argument("--growth-rate", type=int, default=12)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", action="append", help="only this densenet_fast backend (repeatable)")
+    p = command("max-depth", "deepest DenseNet-BC whose training step fits in a memory budget")
+    p.add_argument("--budget", type=parse_size, default="12GiB", help="e.g. 12GiB, 500MiB, 16GB")
+    p.add_argument("--growth-rate", type=int, default=12, help="DenseNet-BC k")
+    _add_batch_size(p, 64)
+    _add_img_size(p, 32, "image side")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N; cuda where available")
+    _add_backend(p, every=True)
     p.add_argument("--fit-depths", type=int, nargs="+", default=[40, 100, 250],
                    help="depths measured for the fit (at least 3)")
     p.add_argument("--verify-max-depth", type=int, help="check the fit at the answer or at most this depth "
                    "(default: 1000 on CPU, where a deeper step takes minutes; no limit on CUDA)")
-    p.add_argument("--json", metavar="FILE")
-    p.set_defaults(run=run_max_depth)
+    p.add_argument("--json", metavar="FILE", help="config and results")
+    p.set_defaults(validate=max_depth.validate, run=max_depth.run)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+# --- train ----------------------------------------------------------------------------------------
+
+def _validate_train(args: argparse.Namespace) -> None:
+    from .data import resolve_dataset
+    from .train import prepare
+
+    config = TrainConfig(model=args.model, depth=args.depth, growth_rate=args.growth_rate, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
+                         amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+                         backend=args.backend[-1] if args.backend else None, dataset=args.dataset,
+                         data_dir=args.data_dir, img_size=args.img_size, workers=args.workers,
+                         checkpoint=args.checkpoint, resume=args.resume, seed=args.seed)
+    if args.backend and len(args.backend) > 1:
+        raise UsageError(f"{PROG} train: error: one --backend trains the model, got {args.backend}")
+    if args.backend:
+        from .tools import check_backends, check_device
+
+        check_backends(args.backend, check_device(args.device), torch.float32, every=False)
+    check_output_path(args.json, "--json")
+    check_output_path(args.checkpoint, "--checkpoint", make_folder=True)
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        if resolve_dataset(args.dataset, args.data_dir) == "digits":
+            require("sklearn", "training on the digits (no --data-dir)", "scikit-learn")
+        args.prepared = prepare(config)
+    except ValueError as err:
+        raise UsageError(f"{PROG} train: error: {err}") from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from .tools import write_json
+    from .train import fit
+
+    history = fit(args.prepared, log=tqdm.write)
+    if args.json:
+        write_json(args.json, {"config": asdict(args.prepared.config), "epochs": [asdict(h) for h in history]})
+    return 0
+
+
+# --- The main job (no command) ----------------------------------------------------------------------
+
+def check_against_torchvision() -> None:
+    """densenet_fast against torchvision in float64: outputs, parameter gradients, running statistics."""
+    import torchvision
+
+    import densenet_fast
+
+    torch.manual_seed(0)
+    tv = torchvision.models.DenseNet(12, (3, 3, 3), 24, num_classes=10).double()
+    fast = densenet_fast.convert(tv)
+    x = torch.randn(4, 3, 64, 48, dtype=torch.double)
+    out_tv, out_fast = tv(x), fast(x)
+    grads_tv = torch.autograd.grad(out_tv.sum(), list(tv.parameters()))
+    grads_fast = torch.autograd.grad(out_fast.sum(), list(fast.parameters()))
+    out_err = (out_tv - out_fast).abs().max().item()
+    grad_err = max((a - b).abs().max().item() for a, b in zip(grads_tv, grads_fast))
+    stats_err = max((a.double() - b.double()).abs().max().item()
+                    for a, b in zip(tv.state_dict().values(), fast.state_dict().values()))
+    print(f"float64 check against torchvision ({densenet_fast.available_backends()} available): "
+          f"outputs {out_err:.1e}, parameter grads {grad_err:.1e}, running stats {stats_err:.1e}")
+    if max(out_err, grad_err, stats_err) > 1e-9:
+        raise SystemExit("densenet_fast does not match torchvision")
+
+
+def main_job() -> int:
+    """``make demo``: the float64 check, then ``train`` and ``bench`` with their defaults."""
+    print("## 1. float64 check against torchvision\n")
+    check_against_torchvision()
+    for step, argv in (("2. densenet-fast train", ["train"]), ("3. densenet-fast bench", ["bench"])):
+        print(f"\n## {step}\n", flush=True)
+        status = main(argv)
+        if status:
+            return status
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A fatal signal (a segfault in a native extension) prints the Python traceback on stderr.
+    enabled_here = not faulthandler.is_enabled() and sys.__stderr__ is not None
+    if enabled_here:
+        faulthandler.enable(file=sys.__stderr__)
+    try:
         args = build_parser().parse_args(argv)
         args.argv = argv
         if args.command is None:
-            from .demo import main as demo
-
-            demo()
-            return 0
+            return main_job()
+        args.validate(args)  # every bad input, before any work
         return args.run(args)
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
-    except ValueError as err:  # the library's own checks: a depth that is not 6n+4, a bad --amp...
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    except SystemExit as done:  # --help, --version; or a message
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+            return 1
+        return done.code or 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if enabled_here:
+            faulthandler.disable()
 
 
 if __name__ == "__main__":

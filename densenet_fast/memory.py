@@ -6,10 +6,39 @@ Either way only what the work allocates counts, not tensors that already existed
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# What the CPU profiler (Kineto) logs from C++ straight to file descriptor 2 when it starts and stops:
+# 'profiler_start', 'profiler_stop', 'gpuGetDeviceCount failed' on a machine without a GPU...
+_KINETO_LOG = re.compile(rb"^(STAGE|USDT|ERROR|WARNING|INFO):\d{4}-\d\d-\d\d [0-9:]+ \d+:\d+ \w+\.cpp:\d+\]"
+                         rb"|^\[W\d+ [0-9:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size")
+
+
+@contextlib.contextmanager
+def _without_kineto_log() -> Iterator[None]:
+    """fd 2 goes to a temporary file while the profiler starts or stops (no other code runs then);
+    fd 2 is restored in ``finally`` and every line that is not Kineto's log is written back to it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture:
+                if not _KINETO_LOG.match(line):
+                    os.write(2, line)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
@@ -24,8 +53,14 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> in
         return torch.cuda.max_memory_allocated(device) - before
     if device.type != "cpu":
         raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, got {device.type!r}")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _without_kineto_log():
+        prof.__enter__()
+    try:
+        fn()  # with the real fd 2: whatever the work writes, a crash included, reaches stderr at once
+    finally:
+        with _without_kineto_log():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CPU
               and e.nbytes() != 0]
     events.sort(key=lambda e: e.start_ns())
