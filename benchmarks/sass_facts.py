@@ -3,7 +3,8 @@ of the cubin, with the cuobjdump Triton ships).
 
 The hot loop is the innermost loop (a backward branch's range) holding the kernel's matrix
 instructions: HGMMA (Hopper's warpgroup MMA, wgmma), else HMMA (mma.sync), else, for float32 dots
-on FMAs, the loop with the most FFMAs. Within it we report:
+on FMAs, the loop with the most FFMAs (the whole kernel when no loop holds them: a loop that one
+specialization runs once is unrolled). Within it we report:
 
 * ``mma``: "wgmma", "mma.sync" or "fma";
 * ``async``: "tma" (UTMALDG), "cp.async" (LDGSTS) or "-" (global loads go through registers);
@@ -80,17 +81,19 @@ def _is_narrow_global_load(op: str) -> bool:
 def facts(sass: str) -> SassFacts:
     code = _instructions(sass)
     loops = sorted(_loops(code), key=lambda r: r[1] - r[0])  # innermost (shortest) first
-    hot = None
+    # A loop that runs once for a specialization (a pixel split of one tile) is straight-line code:
+    # then the whole kernel is its "hot loop".
+    spans = loops + [(0, len(code) - 1)]
     for kind, prefixes in (("wgmma", ("HGMMA",)), ("mma.sync", ("HMMA",))):
-        hot = next(((a, b) for a, b in loops if _count(code[a:b + 1], prefixes)), None)
+        hot = next(((a, b) for a, b in spans if _count(code[a:b + 1], prefixes)), None)
         if hot is not None:
             mma = kind
             break
     else:
         with_ffma = [(a, b) for a, b in loops if _count(code[a:b + 1], ("FFMA",))]
-        hot = max(with_ffma, key=lambda r: _count(code[r[0]:r[1] + 1], ("FFMA",)), default=None)
-        mma = "fma" if hot is not None else "none"
-    body = code[hot[0]:hot[1] + 1] if hot is not None else code
+        hot = max(with_ffma, key=lambda r: _count(code[r[0]:r[1] + 1], ("FFMA",)), default=(0, len(code) - 1))
+        mma = "fma" if with_ffma else "none"
+    body = code[hot[0]:hot[1] + 1]
     if _count(body, ("UTMALDG", "UBLKCP")):
         async_copy = "tma"
     elif _count(body, ("LDGSTS",)):
