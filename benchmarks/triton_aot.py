@@ -17,7 +17,7 @@ CPU time, so the summary also says what the first GPU run pays for compilation.
     python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
     python benchmarks/triton_aot.py --arch 80             # sm_80 (A100)
     python benchmarks/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
-    python benchmarks/triton_aot.py --set bench --resources  # + registers and spills per variant (ptxas -v)
+    python benchmarks/triton_aot.py --set bench --resources  # + registers, spills and SASS facts per variant
 
 Compiled kernels land in Triton's on-disk cache (~/.triton/cache, or TRITON_CACHE_DIR), keyed by
 source, target and specialization, not by how they were compiled. So ``benchmarks/gpu_check`` runs
@@ -51,6 +51,7 @@ import densenet_fast  # noqa: E402
 from densenet_fast.ops import register_backend  # noqa: E402
 from densenet_fast.ops.triton import SUPPORTED_DTYPES  # noqa: E402
 from densenet_fast.ops.triton_backend import TritonBackend  # noqa: E402
+from sass_facts import SassFacts, kernel_facts  # noqa: E402
 
 
 class TargetOnlyDriver:
@@ -84,7 +85,8 @@ class CompileOnlyTritonBackend(TritonBackend):
 
 compiled: list[tuple[str, str, float]] = []  # (kernel, specialization, seconds)
 failures: list[tuple[str, str, str]] = []
-resources: list[tuple[str, str, int, int, int]] = []  # (kernel, specialization, registers, spill bytes, shared)
+# (kernel, specialization, registers, spill bytes, shared bytes, SassFacts)
+resources: list[tuple[str, str, int, int, int, SassFacts]] = []
 
 
 def ptxas_resources(kernel, arch: int) -> tuple[int, int]:
@@ -130,8 +132,10 @@ def install(arch: int, with_resources: bool = False) -> None:
         usage = ""
         if with_resources:
             registers, spilled = ptxas_resources(kernel, arch)
-            resources.append((self.__name__, label, registers, spilled, kernel.metadata.shared))
-            usage = f"  [{registers} registers, {spilled} B spilled, {kernel.metadata.shared} B shared]"
+            sass = kernel_facts(kernel)
+            resources.append((self.__name__, label, registers, spilled, kernel.metadata.shared, sass))
+            usage = (f"  [{registers} registers, {spilled} B spilled, {kernel.metadata.shared} B shared; "
+                     f"hot loop: {sass.describe()}]")
         print(f"{seconds:6.2f} s  {self.__name__}  {label}{usage}", flush=True)
         return kernel
 
@@ -139,6 +143,31 @@ def install(arch: int, with_resources: bool = False) -> None:
     JITFunction._do_compile = timed_compile
     register_backend("triton", CompileOnlyTritonBackend)
     densenet_fast.set_backend("triton")
+
+
+def variant_dtype(label: str) -> str:
+    """The element type of a variant's first pointer argument (its activations): fp32, fp16, bf16."""
+    match = re.search(r"=\*(\w+)", label)
+    return match.group(1) if match else "?"
+
+
+def print_sass_summary(rows) -> None:
+    """Per kernel and activation dtype: what the variants' hot loops do (see sass_facts.py)."""
+    groups = defaultdict(list)
+    for kernel, label, _, spilled, _, sass in rows:
+        groups[(kernel, variant_dtype(label))].append((spilled, sass))
+    print(f"\n{'kernel':<34} {'dtype':<5} {'n':>3}  {'matrix unit':<24} {'async copies':<22} "
+          f"{'max wait':>8} {'narrow':>6} {'spill':>6}")
+    for (kernel, dtype), items in sorted(groups.items()):
+        def tally(values):
+            counts = defaultdict(int)
+            for v in values:
+                counts[v] += 1
+            return " ".join(f"{k}:{n}" for k, n in sorted(counts.items()))
+        facts = [f for _, f in items]
+        print(f"{kernel:<34} {dtype:<5} {len(items):3d}  {tally(f.mma for f in facts):<24} "
+              f"{tally(f.async_copy for f in facts):<22} {max(f.wgmma_wait for f in facts):8d} "
+              f"{max(f.narrow_loads for f in facts):6d} {max(s for s, _ in items):6d}")
 
 
 def step(model: torch.nn.Module, x: torch.Tensor, train: bool, autocast: torch.dtype | None = None) -> None:
@@ -233,8 +262,9 @@ def main(argv=None) -> int:
     if resources:
         spilling = sorted((r for r in resources if r[3]), key=lambda r: -r[3])
         print(f"\n{len(spilling)} of {len(resources)} variants spill registers" + (":" if spilling else ""))
-        for kernel, label, registers, spilled, shared in spilling:
+        for kernel, label, registers, spilled, shared, _ in spilling:
             print(f"  {spilled:6d} B  {registers:3d} regs  {shared:6d} B shared  {kernel}  {label}")
+        print_sass_summary(resources)
     print(f"{len(compiled)} variants compiled for sm_{args.arch} in {sum(s for *_, s in compiled):.1f} s "
           f"(whole run {time.perf_counter() - start:.1f} s)")
     if failures:

@@ -7,14 +7,23 @@
 // channel's pixels are adjacent, and (32 x 8) for channels_last, where neighbouring channels
 // are, so loads coalesce in both. Each grid row (blockIdx.y) writes per-channel partial results
 // that a second kernel merges in order: deterministic, no atomics.
+//
+// Index math. Every walk turns a flat index into (image, channel, pixel) and those into an
+// element offset. With 64-bit integers each division is a call to a ~70-instruction routine per
+// element; so when every offset and count of the op's tensors fits in 31 bits (all but huge
+// activations) the kernels run on uint32_t with divisions by the fixed channel and pixel counts
+// done by multiply-high and shift (ATen's IntDivider), and on int64_t otherwise (fits_32bit).
 // c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a
 // minimal CUDA toolkit (nvcc + runtime) doesn't ship.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#include <limits>
 
 #include "dense_ops.h"
 
@@ -47,8 +56,63 @@ Launch reduction_launch(const ActivationLayout& l) {
   return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), block, splits};
 }
 
-__device__ inline int64_t element_offset(const ActivationLayout& l, int64_t n, int64_t c, int64_t p) {
-  return n * l.batch_stride + c * l.channel_stride + p * l.pixel_stride;
+// Division by a count fixed for the launch: multiply-high and shift in 32 bits, plain in 64.
+template <typename index_t>
+struct Divider {
+  index_t divisor;
+  explicit Divider(index_t d) : divisor(d) {}
+  __device__ index_t div(index_t n) const { return n / divisor; }
+};
+
+template <>
+struct Divider<uint32_t> {
+  at::cuda::detail::IntDivider<uint32_t> divider;
+  explicit Divider(uint32_t d) : divider(d) {}
+  __device__ uint32_t div(uint32_t n) const { return divider.div(n); }
+};
+
+// The device's view of an ActivationLayout in the walk's index type.
+template <typename index_t>
+struct Walk {
+  index_t channels, pixels, batch_stride, channel_stride, pixel_stride;
+  Divider<index_t> by_channels, by_pixels;
+
+  explicit Walk(const ActivationLayout& l)
+      : channels(static_cast<index_t>(l.channels)), pixels(static_cast<index_t>(l.pixels)),
+        batch_stride(static_cast<index_t>(l.batch_stride)), channel_stride(static_cast<index_t>(l.channel_stride)),
+        pixel_stride(static_cast<index_t>(l.pixel_stride)),
+        by_channels(static_cast<index_t>(std::max<int64_t>(1, l.channels))),
+        by_pixels(static_cast<index_t>(std::max<int64_t>(1, l.pixels))) {}
+
+  __device__ index_t offset(index_t n, index_t c, index_t p) const {
+    return n * batch_stride + c * channel_stride + p * pixel_stride;
+  }
+  // (image, pixel) of the i-th value of a channel, values ordered image-major.
+  __device__ void value_index(index_t i, index_t& n, index_t& p) const {
+    n = by_pixels.div(i);
+    p = i - n * pixels;
+  }
+};
+
+// Whether a layout's counts and element offsets all fit in 31 bits (so uint32_t math can't wrap,
+// a grid-stride step included).
+bool fits_32bit(const ActivationLayout& l) {
+  constexpr int64_t limit = std::numeric_limits<int32_t>::max();
+  const int64_t last = (l.batch - 1) * l.batch_stride + (l.channels - 1) * l.channel_stride +
+                       (l.pixels - 1) * l.pixel_stride;
+  return l.batch * l.channels * l.pixels < limit && last < limit;
+}
+
+// Runs f(index_t{}) with index_t = uint32_t when every layout fits in 31 bits, else int64_t.
+template <typename F>
+void with_index_type(std::initializer_list<ActivationLayout> layouts, F&& f) {
+  bool small = true;
+  for (const ActivationLayout& l : layouts) small = small && fits_32bit(l);
+  if (small) {
+    f(uint32_t{});
+  } else {
+    f(int64_t{});
+  }
 }
 
 // Index of this thread's slot in a block's shared array: (threadIdx.y, threadIdx.x).
@@ -91,23 +155,24 @@ __device__ BnReluGrad<acc_t> sum_over_y(BnReluGrad<acc_t> v) {
 // Every value of channel c is taken relative to the channel's first value: float32 Welford
 // then works on numbers of the size of the spread, not of the mean (x + 1e4 stays accurate).
 template <typename scalar_t, typename acc_t>
-__device__ inline acc_t channel_shift(const scalar_t* x, const ActivationLayout& l, int64_t c) {
-  return static_cast<acc_t>(x[element_offset(l, 0, c, 0)]);
+__device__ inline acc_t channel_shift(const scalar_t* x, int64_t channel_offset) {
+  return static_cast<acc_t>(x[channel_offset]);
 }
 
 // Welford over this thread's (shifted) values of channel c, merged per block: partial[split][c].
-template <typename scalar_t, typename acc_t>
-__global__ void channel_moments_kernel(const scalar_t* __restrict__ x, ActivationLayout l,
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void channel_moments_kernel(const scalar_t* __restrict__ x, Walk<index_t> l, index_t values,
                                        Moments<acc_t>* __restrict__ partial) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t values = l.batch * l.pixels;
+  const index_t c = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   Moments<acc_t> m{0, 0, 0};
   if (c < l.channels) {
-    const acc_t shift = channel_shift<scalar_t, acc_t>(x, l, c);
-    for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values;
-         i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-      const int64_t n = i / l.pixels, p = i - n * l.pixels;
-      m = moments_add(m, static_cast<acc_t>(x[element_offset(l, n, c, p)]) - shift);
+    const scalar_t* xc = x + c * l.channel_stride;
+    const acc_t shift = channel_shift<scalar_t, acc_t>(xc, 0);
+    const index_t step = static_cast<index_t>(gridDim.y) * blockDim.y;
+    for (index_t i = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values; i += step) {
+      index_t n, p;
+      l.value_index(i, n, p);
+      m = moments_add(m, static_cast<acc_t>(xc[n * l.batch_stride + p * l.pixel_stride]) - shift);
     }
   }
   m = merge_over_y(m);
@@ -123,29 +188,29 @@ __global__ void merge_moments_kernel(const Moments<acc_t>* __restrict__ partial,
   if (c >= channels) return;
   Moments<acc_t> m = partial[c];
   for (int64_t s = 1; s < splits; ++s) m = moments_merge(m, partial[s * channels + c]);
-  mean[c] = channel_shift<scalar_t, acc_t>(x, l, c) + m.mean;
+  mean[c] = channel_shift<scalar_t, acc_t>(x, c * l.channel_stride) + m.mean;
   var[c] = moments_variance(m);
 }
 
 // Mask, reductions and out (+)= scale * dy; partial[split][0 or 1][c].
-template <bool kAccumulate, typename scalar_t, typename acc_t>
-__global__ void bn_relu_backward_kernel(const scalar_t* grad_y, ActivationLayout lgy, const scalar_t* __restrict__ x,
-                                        ActivationLayout lx, scalar_t* out, ActivationLayout lo,
+template <bool kAccumulate, typename scalar_t, typename acc_t, typename index_t>
+__global__ void bn_relu_backward_kernel(const scalar_t* grad_y, Walk<index_t> lgy, const scalar_t* __restrict__ x,
+                                        Walk<index_t> lx, scalar_t* out, Walk<index_t> lo, index_t values,
                                         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                         const acc_t* __restrict__ center, acc_t* __restrict__ partial) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t values = lx.batch * lx.pixels;
+  const index_t c = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   BnReluGrad<acc_t> sums{0, 0};
   if (c < lx.channels) {
     const acc_t s = scale[c], b = shift[c], m = center[c];
-    for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values;
-         i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-      const int64_t n = i / lx.pixels, p = i - n * lx.pixels;
-      const acc_t xi = static_cast<acc_t>(x[element_offset(lx, n, c, p)]);
-      const acc_t dy = bn_relu_dy<acc_t>(xi, static_cast<acc_t>(grad_y[element_offset(lgy, n, c, p)]), s, b);
+    const index_t step = static_cast<index_t>(gridDim.y) * blockDim.y;
+    for (index_t i = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < values; i += step) {
+      index_t n, p;
+      lx.value_index(i, n, p);
+      const acc_t xi = static_cast<acc_t>(x[lx.offset(n, c, p)]);
+      const acc_t dy = bn_relu_dy<acc_t>(xi, static_cast<acc_t>(grad_y[lgy.offset(n, c, p)]), s, b);
       sums.dy += dy;
       sums.dy_xc += bn_relu_dy_xc<acc_t>(dy, xi, m);
-      scalar_t* o = out + element_offset(lo, n, c, p);
+      scalar_t* o = out + lo.offset(n, c, p);
       *o = static_cast<scalar_t>(kAccumulate ? static_cast<acc_t>(*o) + s * dy : s * dy);
     }
   }
@@ -171,47 +236,46 @@ __global__ void merge_sums_kernel(const acc_t* __restrict__ partial, int64_t spl
 }
 
 // (n, c, p) of the i-th element in the walk order of the layout (the contiguous axis fastest).
-template <bool kChannelsInner>
-__device__ inline void walk_index(const ActivationLayout& l, int64_t i, int64_t& n, int64_t& c, int64_t& p) {
+template <bool kChannelsInner, typename index_t>
+__device__ inline void walk_index(const Walk<index_t>& l, index_t i, index_t& n, index_t& c, index_t& p) {
   if (kChannelsInner) {
-    c = i % l.channels;
-    const int64_t q = i / l.channels;
-    p = q % l.pixels;
-    n = q / l.pixels;
+    const index_t q = l.by_channels.div(i);
+    c = i - q * l.channels;
+    n = l.by_pixels.div(q);
+    p = q - n * l.pixels;
   } else {
-    p = i % l.pixels;
-    const int64_t q = i / l.pixels;
-    c = q % l.channels;
-    n = q / l.channels;
+    const index_t q = l.by_pixels.div(i);
+    p = i - q * l.pixels;
+    n = l.by_channels.div(q);
+    c = q - n * l.channels;
   }
 }
 
-template <bool kChannelsInner, typename scalar_t, typename acc_t>
-__global__ void affine_relu_kernel(const scalar_t* __restrict__ x, ActivationLayout lx, scalar_t* __restrict__ y,
-                                   ActivationLayout ly, const acc_t* __restrict__ scale,
-                                   const acc_t* __restrict__ shift, int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, p;
+template <bool kChannelsInner, typename scalar_t, typename acc_t, typename index_t>
+__global__ void affine_relu_kernel(const scalar_t* __restrict__ x, Walk<index_t> lx, scalar_t* __restrict__ y,
+                                   Walk<index_t> ly, const acc_t* __restrict__ scale,
+                                   const acc_t* __restrict__ shift, index_t total) {
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    index_t n, c, p;
     walk_index<kChannelsInner>(lx, i, n, c, p);
-    y[element_offset(ly, n, c, p)] =
-        static_cast<scalar_t>(affine_relu<acc_t>(static_cast<acc_t>(x[element_offset(lx, n, c, p)]), scale[c], shift[c]));
+    y[ly.offset(n, c, p)] =
+        static_cast<scalar_t>(affine_relu<acc_t>(static_cast<acc_t>(x[lx.offset(n, c, p)]), scale[c], shift[c]));
   }
 }
 
-template <bool kChannelsInner, typename scalar_t, typename acc_t>
-__global__ void bn_grad_finalize_kernel(scalar_t* __restrict__ grad_x, ActivationLayout lg,
-                                        const scalar_t* __restrict__ x, ActivationLayout lx,
+template <bool kChannelsInner, typename scalar_t, typename acc_t, typename index_t>
+__global__ void bn_grad_finalize_kernel(scalar_t* __restrict__ grad_x, Walk<index_t> lg,
+                                        const scalar_t* __restrict__ x, Walk<index_t> lx,
                                         const acc_t* __restrict__ center, const acc_t* __restrict__ coef_x,
-                                        const acc_t* __restrict__ coef_c, int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, p;
+                                        const acc_t* __restrict__ coef_c, index_t total) {
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    index_t n, c, p;
     walk_index<kChannelsInner>(lx, i, n, c, p);
-    scalar_t* g = grad_x + element_offset(lg, n, c, p);
-    *g = static_cast<scalar_t>(static_cast<acc_t>(*g) + batch_stats_grad<acc_t>(static_cast<acc_t>(
-                                                             x[element_offset(lx, n, c, p)]),
-                                                         center[c], coef_x[c], coef_c[c]));
+    scalar_t* g = grad_x + lg.offset(n, c, p);
+    *g = static_cast<scalar_t>(static_cast<acc_t>(*g) + batch_stats_grad<acc_t>(static_cast<acc_t>(x[lx.offset(n, c, p)]),
+                                                                             center[c], coef_x[c], coef_c[c]));
   }
 }
 
@@ -237,8 +301,11 @@ std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
     // Partial moments as raw bytes: three acc_t per (split, channel).
     Tensor partial = at::empty({launch.splits * l.channels * 3}, stats_options);
     auto* partial_ptr = reinterpret_cast<Moments<acc_t>*>(partial.mutable_data_ptr<acc_t>());
-    channel_moments_kernel<scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(x.const_data_ptr<scalar_t>(), l,
-                                                                                      partial_ptr);
+    with_index_type({l}, [&](auto index) {
+      using index_t = decltype(index);
+      channel_moments_kernel<scalar_t, acc_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), Walk<index_t>(l), static_cast<index_t>(l.batch * l.pixels), partial_ptr);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     merge_moments_kernel<scalar_t, acc_t><<<vector_blocks(l.channels), kThreads, 0, stream>>>(
         partial_ptr, launch.splits, x.const_data_ptr<scalar_t>(), l, mean.mutable_data_ptr<acc_t>(),
@@ -260,11 +327,18 @@ void affine_relu_cuda_out(const Tensor& x, const Tensor& scale, const Tensor& sh
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const acc_t* sc = scale.const_data_ptr<acc_t>();
     const acc_t* sh = shift.const_data_ptr<acc_t>();
-    if (lx.channels_inner()) {
-      affine_relu_kernel<true, scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(xp, lx, yp, ly, sc, sh, total);
-    } else {
-      affine_relu_kernel<false, scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(xp, lx, yp, ly, sc, sh, total);
-    }
+    with_index_type({lx, ly}, [&](auto index) {
+      using index_t = decltype(index);
+      const Walk<index_t> wx(lx), wy(ly);
+      const auto n = static_cast<index_t>(total);
+      if (lx.channels_inner()) {
+        affine_relu_kernel<true, scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+            xp, wx, yp, wy, sc, sh, n);
+      } else {
+        affine_relu_kernel<false, scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+            xp, wx, yp, wy, sc, sh, n);
+      }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -287,15 +361,20 @@ std::tuple<Tensor, Tensor> bn_relu_backward_cuda_out(const Tensor& grad_y, const
     // grad_x may be grad_y itself (in place): each element is read before it is written.
     const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
     scalar_t* out = grad_x.data_ptr<scalar_t>();
-    if (accumulate) {
-      bn_relu_backward_kernel<true, scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(
-          gy, lgy, x.const_data_ptr<scalar_t>(), lx, out, lo, scale.const_data_ptr<acc_t>(),
-          shift.const_data_ptr<acc_t>(), center.const_data_ptr<acc_t>(), partial_ptr);
-    } else {
-      bn_relu_backward_kernel<false, scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(
-          gy, lgy, x.const_data_ptr<scalar_t>(), lx, out, lo, scale.const_data_ptr<acc_t>(),
-          shift.const_data_ptr<acc_t>(), center.const_data_ptr<acc_t>(), partial_ptr);
-    }
+    with_index_type({lx, lgy, lo}, [&](auto index) {
+      using index_t = decltype(index);
+      const Walk<index_t> wx(lx), wgy(lgy), wo(lo);
+      const auto values = static_cast<index_t>(lx.batch * lx.pixels);
+      if (accumulate) {
+        bn_relu_backward_kernel<true, scalar_t, acc_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+            gy, wgy, x.const_data_ptr<scalar_t>(), wx, out, wo, values, scale.const_data_ptr<acc_t>(),
+            shift.const_data_ptr<acc_t>(), center.const_data_ptr<acc_t>(), partial_ptr);
+      } else {
+        bn_relu_backward_kernel<false, scalar_t, acc_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+            gy, wgy, x.const_data_ptr<scalar_t>(), wx, out, wo, values, scale.const_data_ptr<acc_t>(),
+            shift.const_data_ptr<acc_t>(), center.const_data_ptr<acc_t>(), partial_ptr);
+      }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     merge_sums_kernel<acc_t><<<vector_blocks(lx.channels), kThreads, 0, stream>>>(
         partial_ptr, launch.splits, lx.channels, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xc.mutable_data_ptr<acc_t>());
@@ -313,15 +392,21 @@ void bn_grad_finalize_cuda(const Tensor& grad_x, const Tensor& x, const Tensor& 
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_finalize_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    if (lx.channels_inner()) {
-      bn_grad_finalize_kernel<true, scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
-          grad_x.mutable_data_ptr<scalar_t>(), lg, x.const_data_ptr<scalar_t>(), lx, center.const_data_ptr<acc_t>(),
-          coef_x.const_data_ptr<acc_t>(), coef_c.const_data_ptr<acc_t>(), total);
-    } else {
-      bn_grad_finalize_kernel<false, scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
-          grad_x.mutable_data_ptr<scalar_t>(), lg, x.const_data_ptr<scalar_t>(), lx, center.const_data_ptr<acc_t>(),
-          coef_x.const_data_ptr<acc_t>(), coef_c.const_data_ptr<acc_t>(), total);
-    }
+    scalar_t* gp = grad_x.mutable_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t *m = center.const_data_ptr<acc_t>(), *a = coef_x.const_data_ptr<acc_t>(), *b = coef_c.const_data_ptr<acc_t>();
+    with_index_type({lx, lg}, [&](auto index) {
+      using index_t = decltype(index);
+      const Walk<index_t> wx(lx), wg(lg);
+      const auto n = static_cast<index_t>(total);
+      if (lx.channels_inner()) {
+        bn_grad_finalize_kernel<true, scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+            gp, wg, xp, wx, m, a, b, n);
+      } else {
+        bn_grad_finalize_kernel<false, scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+            gp, wg, xp, wx, m, a, b, n);
+      }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

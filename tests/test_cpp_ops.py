@@ -296,6 +296,36 @@ def test_conv1x1_backward_many_tiles_channels_last():
         assert_close(actual, want, 1e-10, 1e-9)
 
 
+def test_composite_chunks_are_few_and_exact(monkeypatch):
+    """The composite path (what CUDA runs) recomputes a prefix in about four chunks of images,
+    not one per 2M elements, and chunking does not change the results."""
+    prefix = torch.empty(64, 256, 56, 56, device="meta")[:, :192]  # block 1, batch 64, 224^2
+    assert len(list(cpp_backend._chunks(prefix))) <= 4
+    shape, kinds = (5, 13, 7, 5), ("conv1x1", "conv3x3", "pool")
+    x = buffer_slice(shape, torch.float64, "nchw", seed=81)
+    scale, shift, _ = channel_vectors(13, torch.float64, seed=82)
+    w1, w3 = weight(6, 13, 1, torch.float64, seed=83), weight(4, 13, 3, torch.float64, seed=84)
+    composite = backend("composite")
+
+    def forward():
+        out = torch.empty(5, 4, 7, 5, dtype=torch.float64)
+        stats3 = composite.bn_relu_conv3x3(x, scale, shift, w3, out, None, True)
+        return (*composite.bn_relu_conv1x1(x, scale, shift, w1, True), out, *stats3,
+                composite.bn_relu_pool_conv1x1(x, scale, shift, w1))
+
+    whole_forward = forward()
+    whole = [run_backward("composite", kind, torch.float64, "nchw", shape, True, True, seed=80)[0] for kind in kinds]
+    monkeypatch.setattr(cpp_backend, "_MIN_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpp_backend, "_CHUNK_SHARE", 10 ** 9)  # one image per chunk
+    assert len(list(cpp_backend._chunks(x))) == shape[0]
+    for chunked, expected in zip(forward(), whole_forward):
+        assert_close(chunked, expected, 1e-12, 1e-12)
+    for kind, expected in zip(kinds, whole):
+        chunked = run_backward("composite", kind, torch.float64, "nchw", shape, True, True, seed=80)[0]
+        for name in ("grad_x", "grad_weight", "sum_dy", "sum_dy_xc"):
+            assert_close(getattr(chunked, name), getattr(expected, name), 1e-12, 1e-12)
+
+
 # ---- argument checks ----------------------------------------------------------------------------
 
 
@@ -458,6 +488,28 @@ def test_cuda_affine_relu_and_finalize(layout):
         per_channel(shift.cpu())
     ops.bn_grad_finalize(grad, x, center, scale, shift)
     assert_close(grad.cpu(), expected, 1e-5, 1e-5)
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 24 << 30,
+                    reason="needs a CUDA device with 24 GiB")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_kernels_past_32bit_offsets(layout):
+    """Offsets past 2**31 take the kernels' 64-bit index path (fits_32bit): the last elements of a
+    2.4G-element float16 tensor come out right (the 32-bit path would wrap around)."""
+    n, c, h, w_ = 2, 3, 20000, 20000
+    x = torch.empty(n, c, h, w_, dtype=torch.float16, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.normal_(generator=torch.Generator("cuda").manual_seed(120))
+    scale, shift, center = channel_vectors(c, torch.float16, seed=121, device="cuda")
+    y = ops.affine_relu(x, scale, shift)
+    corner = (slice(None), slice(None), slice(h - 3, h), slice(w_ - 4, w_))
+    assert_close(y[corner], ref_bn_relu(x[corner], scale, shift).half(), 1e-3, 1e-3)
+    mean, var = ops.channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, mean_ref, 1e-3, 1e-3)
+    assert_close(var, var_ref, 1e-3, 1e-3)
 
 
 @cuda

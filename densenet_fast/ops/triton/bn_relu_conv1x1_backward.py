@@ -2,13 +2,17 @@
 
 Two kernels, neither of which stores the normalized prefix or the masked gradient ``dy``:
 
-* data: per (image, pixel tile, input-channel tile) the GEMM ``grad_out @ weight`` gives the
-  gradient of the conv input; the epilogue recomputes the ReLU mask from ``x``, adds
+* data: per (tile of the batch's pixels, input-channel tile) the GEMM ``grad_out @ weight`` gives
+  the gradient of the conv input; the epilogue recomputes the ReLU mask from ``x``, adds
   ``scale * dy`` into the block's gradient buffer and writes per-tile partials of ``sum(dy)`` and
-  ``sum(dy * (x - center))`` (summed afterwards, so the result is deterministic);
-* weight: per (output-channel tile, input-channel tile, split of the pixels) the GEMM
-  ``grad_out^T @ relu(x * scale + shift)`` with the normalized tile recomputed as it is loaded;
-  the splits' float32 partials are summed afterwards.
+  ``sum(dy * (x - center))`` (summed afterwards in order, so the result is deterministic). The
+  input-channel tile is the grid's fastest axis: the programs reading one tile of the (large)
+  output gradient run together and find it in L2, instead of re-reading it from HBM per channel tile;
+* weight: per (input-channel tile, output-channel tile, split of the pixels) the GEMM
+  ``relu(x * scale + shift)^T @ grad_out`` (the transposed weight gradient: its rows are input
+  channels, at least 64 of them, so sm_90 runs it on wgmma with the recomputed operand in registers
+  and ``grad_out`` software-pipelined through shared memory); the splits' float32 partials are
+  summed afterwards.
 """
 from __future__ import annotations
 
@@ -20,97 +24,103 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (collapsible, dot_precision, dy_epilogue, gemm_warps, grad_out_tile_t, launch, pixel_block,
-                     pooled_bn_relu, pow2_block, ref_bn_relu, split_pixel_tiles, strides_nchw,
-                     weight_grad_pixel_block)
+from .common import (PIXEL_BLOCK, collapsible, dot_precision, dy_epilogue, gemm_warps, input_rows, launch,
+                     pixel_rows, pooled_bn_relu, pow2_block, ref_bn_relu, ref_relu_backward, row_align,
+                     split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
+from .partials import new_stats_partials, store_tile_partials, sum_pair_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles).
 _MAX_SPLITS = 64
 
 
-@triton.jit(do_not_specialize=["C_in", "C_out"])
+@triton.jit
 def _conv1x1_bwd_data_kernel(
-    g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, psum_ptr, psum_xc_ptr,
-    C_in, C_out, HW_out, W_out,
+    g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+    C_in, C_out, M, HW_out, W_out, n_ci_tiles,
     s_gn, s_gc, s_ghw, s_wo, s_wi,
     s_xn, s_xc, s_xh, s_xw, s_gxn, s_gxc, s_gxh, s_gxw,  # without POOL, the *w strides are the H*W strides
     POOL: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    p_ok = offs_p < HW_out
+    pid_m = tl.program_id(0) // n_ci_tiles
+    offs_ci = (tl.program_id(0) % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = offs_ci < C_in
+    p_ok, hw, _, g_rows = pixel_rows(pid_m, M, HW_out, s_gn, s_ghw, BLOCK_P, G_ALIGN)
     dot_dtype = w_ptr.dtype.element_ty
     acc = tl.full([BLOCK_P, BLOCK_CI], 0.0, tl.float32)
     for co0 in range(0, C_out, BLOCK_CO):
         offs_co = co0 + tl.arange(0, BLOCK_CO)
         co_ok = offs_co < C_out
-        g = tl.load(g_ptr + n * s_gn + offs_p[:, None] * s_ghw + offs_co[None, :] * s_gc,
-                    mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi,
                      mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
         acc = tl.dot(g.to(dot_dtype), wt, acc, input_precision=PRECISION)
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     center = tl.load(center_ptr + offs_ci, mask=ci_ok, other=0.0)
-    valid = p_ok[:, None] & ci_ok[None, :]
     if POOL:
         acc = acc * 0.25  # each of the four inputs under an output pixel gets a quarter
-        ho = offs_p // W_out
-        wo = offs_p % W_out
+        valid = p_ok[:, None] & ci_ok[None, :]
+        _, _, _, x_img = pixel_rows(pid_m, M, HW_out, s_xn, 0, BLOCK_P, 1)
+        _, _, _, gx_img = pixel_rows(pid_m, M, HW_out, s_gxn, 0, BLOCK_P, 1)
+        x_rows = input_rows(x_img, hw, s_xh, s_xw, W_out, POOL)
+        gx_rows = input_rows(gx_img, hw, s_gxh, s_gxw, W_out, POOL)
         sum_dy = tl.full([BLOCK_CI], 0.0, tl.float32)
         sum_dy_xc = tl.full([BLOCK_CI], 0.0, tl.float32)
         for i in tl.static_range(4):
-            hh = 2 * ho + i // 2
-            ww = 2 * wo + i % 2
-            x = tl.load(x_ptr + n * s_xn + (hh * s_xh + ww * s_xw)[:, None] + offs_ci[None, :] * s_xc,
+            x = tl.load(x_ptr + (x_rows + (i // 2) * s_xh + (i % 2) * s_xw)[:, None] + offs_ci[None, :] * s_xc,
                         mask=valid, other=0.0)
-            gx_ptrs = gx_ptr + n * s_gxn + (hh * s_gxh + ww * s_gxw)[:, None] + offs_ci[None, :] * s_gxc
+            gx_ptrs = gx_ptr + (gx_rows + (i // 2) * s_gxh + (i % 2) * s_gxw)[:, None] + offs_ci[None, :] * s_gxc
             a, b = dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE)
             sum_dy += a
             sum_dy_xc += b
     else:
-        x = tl.load(x_ptr + n * s_xn + offs_p[:, None] * s_xw + offs_ci[None, :] * s_xc, mask=valid, other=0.0)
-        gx_ptrs = gx_ptr + n * s_gxn + offs_p[:, None] * s_gxw + offs_ci[None, :] * s_gxc
+        x_ok, _, _, x_rows = pixel_rows(pid_m, M, HW_out, s_xn, s_xw, BLOCK_P, X_ALIGN)
+        _, _, _, gx_rows = pixel_rows(pid_m, M, HW_out, s_gxn, s_gxw, BLOCK_P, X_ALIGN)
+        valid = x_ok[:, None] & ci_ok[None, :]
+        x = tl.load(x_ptr + x_rows[:, None] + offs_ci[None, :] * s_xc, mask=valid, other=0.0)
+        gx_ptrs = gx_ptr + gx_rows[:, None] + offs_ci[None, :] * s_gxc
         sum_dy, sum_dy_xc = dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE)
-    row = n * tl.num_programs(0) + pid_p
-    tl.store(psum_ptr + row * C_in + offs_ci, sum_dy, mask=ci_ok)
-    tl.store(psum_xc_ptr + row * C_in + offs_ci, sum_dy_xc, mask=ci_ok)
+    store_tile_partials(p_ptr, C_in, tl.cdiv(M, BLOCK_P), pid_m, offs_ci, ci_ok, sum_dy, sum_dy_xc)
 
 
-@triton.jit(do_not_specialize=["C_in", "C_out", "tiles_per_split", "total_tiles"])
+@triton.jit
 def _conv1x1_bwd_weight_kernel(
     g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
-    C_in, C_out, HW_out, W_out, n_hw_tiles, tiles_per_split, total_tiles,
+    C_in, C_out, M, HW_out, W_out, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
     s_gn, s_gc, s_ghw, s_xn, s_xc, s_xh, s_xw,
-    POOL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+    POOL: tl.constexpr, PRECISION: tl.constexpr, G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    split = tl.program_id(2)
-    co_ok = offs_co < C_out
+    tile = tl.program_id(0) % (n_ci_tiles * n_co_tiles)
+    split = tl.program_id(0) // (n_ci_tiles * n_co_tiles)
+    offs_ci = (tile % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = (tile // n_ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = offs_ci < C_in
+    co_ok = offs_co < C_out
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     dot_dtype = g_ptr.dtype.element_ty
-    acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
+    acc = tl.full([BLOCK_CI, BLOCK_CO], 0.0, tl.float32)
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
-        n, offs_p, p_ok, gt = grad_out_tile_t(g_ptr, t, n_hw_tiles, HW_out, offs_co, co_ok, s_gn, s_gc, s_ghw, BLOCK_P)
-        valid = p_ok[:, None] & ci_ok[None, :]
+        p_ok, hw, _, g_rows = pixel_rows(t, M, HW_out, s_gn, s_ghw, BLOCK_P, G_ALIGN)
+        # Pixels past the batch load a zero gradient: their (finite) relu(shift) rows add nothing.
+        g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=p_ok[:, None] & co_ok[None, :],
+                    other=0.0)
         if POOL:
-            pix = (2 * (offs_p // W_out)) * s_xh + (2 * (offs_p % W_out)) * s_xw
+            _, _, _, x_img = pixel_rows(t, M, HW_out, s_xn, 0, BLOCK_P, 1)
         else:
-            pix = offs_p * s_xw
-        y = pooled_bn_relu(x_ptr + n * s_xn + pix[:, None] + offs_ci[None, :] * s_xc, s_xh, s_xw, scale, shift,
-                           valid, POOL)
-        acc = tl.dot(gt.to(dot_dtype), y.to(dot_dtype), acc, input_precision=PRECISION)
-    tl.store(pgw_ptr + split * C_out * C_in + offs_co[:, None] * C_in + offs_ci[None, :], acc,
-             mask=co_ok[:, None] & ci_ok[None, :])
+            _, _, _, x_img = pixel_rows(t, M, HW_out, s_xn, s_xw, BLOCK_P, X_ALIGN)
+        x_rows = input_rows(x_img, hw, s_xh, s_xw, W_out, POOL)
+        y = pooled_bn_relu(x_ptr + x_rows[:, None] + offs_ci[None, :] * s_xc, s_xh, s_xw, scale, shift,
+                           p_ok[:, None] & ci_ok[None, :], POOL)
+        acc = tl.dot(tl.trans(y.to(dot_dtype)), g.to(dot_dtype), acc, input_precision=PRECISION)
+    # Partials (split, C_in, C_out): the accumulator's own orientation. (Stored transposed, the
+    # epilogue's layout change made ptxas serialize the loop's wgmma: C7515.)
+    tl.store(pgw_ptr + split * C_in * C_out + offs_ci[:, None] * C_out + offs_co[None, :], acc,
+             mask=ci_ok[:, None] & co_ok[None, :])
 
 
 def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
@@ -123,52 +133,57 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     ho, wo = grad_out.shape[2], grad_out.shape[3]
-    hw_out = ho * wo
+    m = n * ho * wo
     grad_out = collapsible(grad_out)
     s_gn, s_gc, s_ghw = strides_nchw(grad_out)
     target = grad_x
     if pool:
         s_x, s_gx = x.stride(), grad_x.stride()
+        x_align = 1
     else:
         x = collapsible(x)
         if collapsible(grad_x) is not grad_x:
             target = grad_x.contiguous()  # written through a collapsible copy, then copied back
         s_x = (x.stride(0), x.stride(1), 0, strides_nchw(x)[2])
         s_gx = (target.stride(0), target.stride(1), 0, strides_nchw(target)[2])
+        x_align = min(row_align(x), row_align(target))
     precision = dot_precision(x.dtype)
-    block_p = pixel_block(hw_out)
+    block_p = PIXEL_BLOCK
     block_ci = pow2_block(c_in, 16, 64)
-    grid = (triton.cdiv(hw_out, block_p), n, triton.cdiv(c_in, block_ci))
-    psum = torch.empty((grid[0] * n, c_in), dtype=torch.float32, device=x.device)
-    psum_xc = torch.empty_like(psum)
-    launch(_conv1x1_bwd_data_kernel)[grid](
-        grad_out, weight, x, scale, shift, center, target, psum, psum_xc,
-        c_in, c_out, hw_out, wo, s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
+    g_align = row_align(grad_out)
+    rows, n_ci_tiles = triton.cdiv(m, block_p), triton.cdiv(c_in, block_ci)
+    partials = new_stats_partials(c_in, rows, x.device)
+    launch(_conv1x1_bwd_data_kernel)[(rows * n_ci_tiles,)](
+        grad_out, weight, x, scale, shift, center, target, partials,
+        c_in, c_out, m, ho * wo, wo, n_ci_tiles, s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
         POOL=pool, ACCUMULATE=accumulate, PRECISION=precision,
+        G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
         # 8 warps and 32 output channels per step: the epilogue holds tiles of x and grad_x beside
         # the accumulator, and at 4 warps or 64 channels the tile spilled (ptxas -v, sm_90).
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32), num_warps=8)
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32), num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
+    sum_dy, sum_dy_xc = sum_pair_partials(partials)
 
     if need_weight_grad:
-        block_co = pow2_block(c_out, 16, 64)
-        block_p = weight_grad_pixel_block(precision, block_p)
-        n_hw_tiles = triton.cdiv(hw_out, block_p)
-        total_tiles = n * n_hw_tiles
-        splits, per_split = split_pixel_tiles(
-            total_tiles, triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci), _MAX_SPLITS)
-        pgw = torch.empty((splits, c_out, c_in), dtype=torch.float32, device=x.device)
-        launch(_conv1x1_bwd_weight_kernel)[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci), splits)](
-            grad_out, x, scale, shift, pgw, c_in, c_out, hw_out, wo, n_hw_tiles, per_split, total_tiles,
-            s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
+        block_ci = pow2_block(c_in, 64, 64)  # wgmma's rows: at least 64
+        block_co = pow2_block(c_out, 16, 128)
+        block_p = weight_grad_pixel_block(precision)
+        total_tiles = triton.cdiv(m, block_p)
+        n_ci_tiles, n_co_tiles = triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co)
+        splits, per_split = split_pixel_tiles(total_tiles, n_ci_tiles * n_co_tiles, _MAX_SPLITS)
+        pgw = torch.empty((splits, c_in, c_out), dtype=torch.float32, device=x.device)
+        launch(_conv1x1_bwd_weight_kernel)[(n_ci_tiles * n_co_tiles * splits,)](
+            grad_out, x, scale, shift, pgw, c_in, c_out, m, ho * wo, wo, n_ci_tiles, n_co_tiles, per_split,
+            total_tiles, s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
+            G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
+            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
             # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
-            num_warps=8 if pool else gemm_warps(precision, block_co * block_ci))
-        grad_weight = pgw.sum(0).to(weight.dtype).view(weight.shape)
+            num_warps=8 if pool else gemm_warps(precision, block_co * block_ci), num_stages=3)
+        grad_weight = sum_partials(pgw, weight.dtype, transpose=True).view(weight.shape)
     else:
         grad_weight = torch.empty(0, dtype=weight.dtype, device=x.device)
-    return grad_weight, psum.sum(0), psum_xc.sum(0)
+    return grad_weight, sum_dy, sum_dy_xc
 
 
 @torch.library.triton_op("densenet_fast_triton::bn_relu_conv1x1_backward", mutates_args={"grad_x"})
@@ -192,7 +207,7 @@ def conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tens
     wd = weight.double().requires_grad_(need_weight_grad)
     out = F.conv2d(F.avg_pool2d(y, 2) if pool else y, wd)
     grads = torch.autograd.grad(out, [y, wd] if need_weight_grad else [y], grad_out.double())
-    dy = grads[0] * (pre > 0)
+    dy = ref_relu_backward(grads[0], pre)
     new_gx = dy * scale.double()[:, None, None]
     if grad_x is not None:
         new_gx = new_gx + grad_x.double()

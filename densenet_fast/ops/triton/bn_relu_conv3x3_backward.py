@@ -1,12 +1,15 @@
 """Backward of the fused BN2-ReLU-conv3x3.
 
-* data: an implicit GEMM per (image, pixel tile, input-channel tile) over 9 taps x output
+* data: an implicit GEMM per (tile of the batch's pixels, input-channel tile) over 9 taps x output
   channels, reading ``grad_out`` shifted by (-dh, -dw) (the transposed convolution); the epilogue
   recomputes the ReLU mask from the bottleneck ``z``, writes or adds ``scale * dy`` and the per-tile
   partials of ``sum(dy)`` and ``sum(dy * (z - center))``;
-* weight: per (output x input channel tile, tap, split of the pixels) the GEMM
-  ``grad_out^T @ shifted relu(z * scale + shift)``, the normalized tile recomputed as it is loaded,
-  splits summed afterwards in float32.
+* weight: per (input x output channel tile, split of the pixels) the nine GEMMs
+  ``shifted relu(z * scale + shift)^T @ grad_out``, one per tap, in one program: each pixel tile of
+  ``grad_out`` is read once for all taps (not once per tap program), the normalized tiles are
+  recomputed as they are loaded, and the GEMM's rows are input channels (64 of them), so sm_90
+  runs it on wgmma (with 32 output-channel rows it compiled to mma.sync). Splits are summed
+  afterwards in float32.
 
 ``grad_out`` may be a strided slice of the block's gradient buffer (no dropout) or a new tensor.
 """
@@ -20,32 +23,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (bn_relu, collapsible, dot_precision, dy_epilogue, gemm_warps, grad_out_tile_t, launch,
-                     pixel_block, pow2_block, ref_bn_relu, split_pixel_tiles, strides_nchw,
+from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, dy_epilogue, launch, pixel_rows, pow2_block,
+                     ref_bn_relu, ref_relu_backward, row_align, split_pixel_tiles, strides_nchw,
                      weight_grad_pixel_block)
+from .partials import new_stats_partials, store_tile_partials, sum_pair_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles); each is 9x
 # larger than a conv1x1's.
 _MAX_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["C_in", "C_out"])
+@triton.jit
 def _conv3x3_bwd_data_kernel(
-    g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, psum_ptr, psum_xc_ptr,
-    C_in, C_out, H, W,
+    g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+    C_in, C_out, M, H, W, n_ci_tiles,
     s_gn, s_gc, s_ghw, s_wo, s_wi, s_wh, s_ww, s_zn, s_zc, s_zhw, s_gxn, s_gxc, s_gxhw,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    HW = H * W
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    p_ok = offs_p < HW
+    pid_m = tl.program_id(0) // n_ci_tiles
+    offs_ci = (tl.program_id(0) % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = offs_ci < C_in
-    h = offs_p // W
-    w = offs_p % W
+    HW = H * W
+    p_ok, hw, _, g_rows = pixel_rows(pid_m, M, HW, s_gn, s_ghw, BLOCK_P, 1)
+    h = hw // W
+    w = hw % W
     dot_dtype = w_ptr.dtype.element_ty
     acc = tl.full([BLOCK_P, BLOCK_CI], 0.0, tl.float32)
     for tap in range(9):
@@ -54,61 +56,95 @@ def _conv3x3_bwd_data_kernel(
         hh = h - dh
         ww = w - dw
         tap_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        gpix = (offs_p - dh * W - dw) * s_ghw
+        gpix = g_rows - (dh * W + dw) * s_ghw
         for co0 in range(0, C_out, BLOCK_CO):
             offs_co = co0 + tl.arange(0, BLOCK_CO)
             co_ok = offs_co < C_out
-            g = tl.load(g_ptr + n * s_gn + gpix[:, None] + offs_co[None, :] * s_gc,
-                        mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + gpix[:, None] + offs_co[None, :] * s_gc, mask=tap_ok[:, None] & co_ok[None, :],
+                        other=0.0)
             wt = tl.load(w_ptr + offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi + (dh + 1) * s_wh + (dw + 1) * s_ww,
                          mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
             acc = tl.dot(g.to(dot_dtype), wt, acc, input_precision=PRECISION)
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     center = tl.load(center_ptr + offs_ci, mask=ci_ok, other=0.0)
-    valid = p_ok[:, None] & ci_ok[None, :]
-    x = tl.load(z_ptr + n * s_zn + offs_p[:, None] * s_zhw + offs_ci[None, :] * s_zc, mask=valid, other=0.0)
-    gx_ptrs = gx_ptr + n * s_gxn + offs_p[:, None] * s_gxhw + offs_ci[None, :] * s_gxc
+    x_ok, _, _, z_rows = pixel_rows(pid_m, M, HW, s_zn, s_zhw, BLOCK_P, X_ALIGN)
+    _, _, _, gx_rows = pixel_rows(pid_m, M, HW, s_gxn, s_gxhw, BLOCK_P, X_ALIGN)
+    valid = x_ok[:, None] & ci_ok[None, :]
+    x = tl.load(z_ptr + z_rows[:, None] + offs_ci[None, :] * s_zc, mask=valid, other=0.0)
+    gx_ptrs = gx_ptr + gx_rows[:, None] + offs_ci[None, :] * s_gxc
     sum_dy, sum_dy_xc = dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE)
-    row = n * tl.num_programs(0) + pid_p
-    tl.store(psum_ptr + row * C_in + offs_ci, sum_dy, mask=ci_ok)
-    tl.store(psum_xc_ptr + row * C_in + offs_ci, sum_dy_xc, mask=ci_ok)
+    store_tile_partials(p_ptr, C_in, tl.cdiv(M, BLOCK_P), pid_m, offs_ci, ci_ok, sum_dy, sum_dy_xc)
 
 
-@triton.jit(do_not_specialize=["C_in", "C_out", "tiles_per_split", "total_tiles"])
+@triton.jit
+def _tap_grad(acc, z_ptr, z_rows, h, w, H, W, p_ok, offs_ci, ci_ok, s_zc, s_zhw, scale, shift, g,
+              DH: tl.constexpr, DW: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + (shifted relu(z * scale + shift))^T @ g for tap (DH, DW); rows outside the image are zero."""
+    tap_ok = p_ok & (h + DH >= 0) & (h + DH < H) & (w + DW >= 0) & (w + DW < W)
+    x = tl.load(z_ptr + (z_rows + (DH * W + DW) * s_zhw)[:, None] + offs_ci[None, :] * s_zc,
+                mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
+    y = tl.where(tap_ok[:, None], bn_relu(x, scale, shift), 0.0)
+    return tl.dot(tl.trans(y.to(g.dtype)), g, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_tap(pgw_ptr, acc, offs_ci, offs_co, mask, C_out, TAP: tl.constexpr):
+    # Partials laid out (split, C_in, 3 x 3, C_out): the accumulator's own orientation (a transposed
+    # store made ptxas serialize the loop's wgmma), transposed when the splits are summed.
+    tl.store(pgw_ptr + offs_ci[:, None] * (9 * C_out) + TAP * C_out + offs_co[None, :], acc, mask=mask)
+
+
+@triton.jit
 def _conv3x3_bwd_weight_kernel(
     g_ptr, z_ptr, scale_ptr, shift_ptr, pgw_ptr,
-    C_in, C_out, H, W, n_hw_tiles, tiles_per_split, total_tiles, n_ci_blocks,
+    C_in, C_out, M, H, W, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
     s_gn, s_gc, s_ghw, s_zn, s_zc, s_zhw,
-    PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, G_ALIGN: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_co = (pid // n_ci_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_ci = (pid % n_ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    tap = tl.program_id(1)
-    split = tl.program_id(2)
-    dh = tap // 3 - 1
-    dw = tap % 3 - 1
-    HW = H * W
-    co_ok = offs_co < C_out
+    tile = tl.program_id(0) % (n_ci_tiles * n_co_tiles)
+    split = tl.program_id(0) // (n_ci_tiles * n_co_tiles)
+    offs_ci = (tile % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = (tile // n_ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = offs_ci < C_in
+    co_ok = offs_co < C_out
+    HW = H * W
     scale = tl.load(scale_ptr + offs_ci, mask=ci_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_ci, mask=ci_ok, other=0.0)
     dot_dtype = g_ptr.dtype.element_ty
-    acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
+    # One accumulator per tap (dh, dw), row-major over the 3x3 window.
+    a0 = tl.full([BLOCK_CI, BLOCK_CO], 0.0, tl.float32)
+    a1, a2, a3, a4, a5, a6, a7, a8 = a0, a0, a0, a0, a0, a0, a0, a0
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
-        n, offs_p, p_ok, gt = grad_out_tile_t(g_ptr, t, n_hw_tiles, HW, offs_co, co_ok, s_gn, s_gc, s_ghw, BLOCK_P)
-        hh = offs_p // W + dh
-        ww = offs_p % W + dw
-        valid = (p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & ci_ok[None, :]
-        x = tl.load(z_ptr + n * s_zn + ((offs_p + dh * W + dw) * s_zhw)[:, None] + offs_ci[None, :] * s_zc,
-                    mask=valid, other=0.0)
-        y = bn_relu(x, scale, shift, valid)
-        acc = tl.dot(gt.to(dot_dtype), y.to(dot_dtype), acc, input_precision=PRECISION)
-    # Partials laid out (split, C_out, C_in, 3, 3) so their sum is the weight gradient's layout.
-    tl.store(pgw_ptr + split * C_out * C_in * 9 + offs_co[:, None] * (C_in * 9) + offs_ci[None, :] * 9 + tap, acc,
-             mask=co_ok[:, None] & ci_ok[None, :])
+        p_ok, hw, _, g_rows = pixel_rows(t, M, HW, s_gn, s_ghw, BLOCK_P, G_ALIGN)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=p_ok[:, None] & co_ok[None, :],
+                    other=0.0).to(dot_dtype)
+        _, _, _, z_rows = pixel_rows(t, M, HW, s_zn, s_zhw, BLOCK_P, 1)
+        h = hw // W
+        w = hw % W
+        args = (z_ptr, z_rows, h, w, H, W, p_ok, offs_ci, ci_ok, s_zc, s_zhw, scale, shift, g)
+        a0 = _tap_grad(a0, *args, -1, -1, PRECISION)
+        a1 = _tap_grad(a1, *args, -1, 0, PRECISION)
+        a2 = _tap_grad(a2, *args, -1, 1, PRECISION)
+        a3 = _tap_grad(a3, *args, 0, -1, PRECISION)
+        a4 = _tap_grad(a4, *args, 0, 0, PRECISION)
+        a5 = _tap_grad(a5, *args, 0, 1, PRECISION)
+        a6 = _tap_grad(a6, *args, 1, -1, PRECISION)
+        a7 = _tap_grad(a7, *args, 1, 0, PRECISION)
+        a8 = _tap_grad(a8, *args, 1, 1, PRECISION)
+    base = pgw_ptr + split * C_out * C_in * 9
+    mask = ci_ok[:, None] & co_ok[None, :]
+    _store_tap(base, a0, offs_ci, offs_co, mask, C_out, 0)
+    _store_tap(base, a1, offs_ci, offs_co, mask, C_out, 1)
+    _store_tap(base, a2, offs_ci, offs_co, mask, C_out, 2)
+    _store_tap(base, a3, offs_ci, offs_co, mask, C_out, 3)
+    _store_tap(base, a4, offs_ci, offs_co, mask, C_out, 4)
+    _store_tap(base, a5, offs_ci, offs_co, mask, C_out, 5)
+    _store_tap(base, a6, offs_ci, offs_co, mask, C_out, 6)
+    _store_tap(base, a7, offs_ci, offs_co, mask, C_out, 7)
+    _store_tap(base, a8, offs_ci, offs_co, mask, C_out, 8)
 
 
 @torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3_backward", mutates_args={"grad_x"})
@@ -118,41 +154,43 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
     """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``)."""
     n, c_in, h, w = z.shape
     c_out = weight.shape[0]
-    hw = h * w
+    m = n * h * w
     grad_out, z = collapsible(grad_out), collapsible(z)
     target = grad_x if collapsible(grad_x) is grad_x else grad_x.contiguous()
     precision = dot_precision(z.dtype)
-    block_p = pixel_block(hw)
+    block_p = PIXEL_BLOCK
     block_ci = pow2_block(c_in, 16, 64)
-    grid = (triton.cdiv(hw, block_p), n, triton.cdiv(c_in, block_ci))
-    psum = torch.empty((grid[0] * n, c_in), dtype=torch.float32, device=z.device)
-    psum_xc = torch.empty_like(psum)
-    launch(_conv3x3_bwd_data_kernel)[grid](
-        grad_out, weight, z, scale, shift, center, target, psum, psum_xc,
-        c_in, c_out, h, w, *strides_nchw(grad_out), *weight.stride(), *strides_nchw(z), *strides_nchw(target),
-        ACCUMULATE=accumulate, PRECISION=precision,
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64), num_warps=4)
+    rows, n_ci_tiles = triton.cdiv(m, block_p), triton.cdiv(c_in, block_ci)
+    partials = new_stats_partials(c_in, rows, z.device)
+    launch(_conv3x3_bwd_data_kernel)[(rows * n_ci_tiles,)](
+        grad_out, weight, z, scale, shift, center, target, partials,
+        c_in, c_out, m, h, w, n_ci_tiles, *strides_nchw(grad_out), *weight.stride(), *strides_nchw(z),
+        *strides_nchw(target), ACCUMULATE=accumulate, PRECISION=precision,
+        X_ALIGN=min(row_align(z), row_align(target), block_p),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64), num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
+    sum_dy, sum_dy_xc = sum_pair_partials(partials)
 
     if need_weight_grad:
-        block_co = pow2_block(c_out, 16, 64)
-        block_p = weight_grad_pixel_block(precision, block_p)
-        n_hw_tiles = triton.cdiv(hw, block_p)
-        total_tiles = n * n_hw_tiles
-        n_ci_blocks = triton.cdiv(c_in, block_ci)
-        splits, per_split = split_pixel_tiles(total_tiles, triton.cdiv(c_out, block_co) * n_ci_blocks * 9,
-                                              _MAX_SPLITS)
-        pgw = torch.empty((splits, c_out, c_in, 3, 3), dtype=torch.float32, device=z.device)
-        launch(_conv3x3_bwd_weight_kernel)[(triton.cdiv(c_out, block_co) * n_ci_blocks, 9, splits)](
-            grad_out, z, scale, shift, pgw, c_in, c_out, h, w, n_hw_tiles, per_split, total_tiles, n_ci_blocks,
+        # Nine accumulators of block_ci x block_co: 64 rows for wgmma; an FMA dot (float32 without
+        # TF32) keeps its operands' slices in registers too, and 64 x 32 tiles spilled 12 KB.
+        block_ci = 32 if precision == "ieee" else 64
+        block_co = pow2_block(c_out, 16, 32)
+        block_p = weight_grad_pixel_block(precision)
+        total_tiles = triton.cdiv(m, block_p)
+        n_ci_tiles, n_co_tiles = triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co)
+        splits, per_split = split_pixel_tiles(total_tiles, n_ci_tiles * n_co_tiles, _MAX_SPLITS)
+        pgw = torch.empty((splits, c_in * 9, c_out), dtype=torch.float32, device=z.device)
+        launch(_conv3x3_bwd_weight_kernel)[(n_ci_tiles * n_co_tiles * splits,)](
+            grad_out, z, scale, shift, pgw, c_in, c_out, m, h, w, n_ci_tiles, n_co_tiles, per_split, total_tiles,
             *strides_nchw(grad_out), *strides_nchw(z), PRECISION=precision,
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
-            num_warps=gemm_warps(precision, block_co * block_ci))
-        grad_weight = pgw.sum(0).to(weight.dtype)
+            G_ALIGN=min(row_align(grad_out), block_p), BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
+            num_warps=8, num_stages=3)
+        grad_weight = sum_partials(pgw, weight.dtype, transpose=True).view(weight.shape)
     else:
         grad_weight = torch.empty(0, dtype=weight.dtype, device=z.device)
-    return grad_weight, psum.sum(0), psum_xc.sum(0)
+    return grad_weight, sum_dy, sum_dy_xc
 
 
 def bn_relu_conv3x3_backward_ref(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
@@ -165,7 +203,7 @@ def bn_relu_conv3x3_backward_ref(grad_out: Tensor, z: Tensor, scale: Tensor, shi
     wd = weight.double().requires_grad_(need_weight_grad)
     out = F.conv2d(y, wd, padding=1)
     grads = torch.autograd.grad(out, [y, wd] if need_weight_grad else [y], grad_out.double())
-    dy = grads[0] * (pre > 0)
+    dy = ref_relu_backward(grads[0], pre)
     new_gx = dy * scale.double()[:, None, None]
     if grad_x is not None:
         new_gx = new_gx + grad_x.double()

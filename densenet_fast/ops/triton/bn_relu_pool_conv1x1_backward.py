@@ -4,7 +4,8 @@ The kernels are ``bn_relu_conv1x1_backward``'s with ``POOL`` set: the data kerne
 of each pooled gradient over the four inputs under it, masked by their recomputed ReLU; the weight
 kernel recomputes the pooled normalized input tile by tile. Inputs in the last row or column of an
 odd-sized map feed no output: their gradient is zero (the accumulator starts from zeros when the
-caller gives none).
+caller gives none) and they are left out of the reductions (where such an input is infinite,
+torch's 0 * x there would be NaN; the batch statistics of its channel are not finite anyway).
 """
 from __future__ import annotations
 

@@ -1,20 +1,25 @@
 """Pieces shared by the fused Triton kernels: tiling conventions, the BN-ReLU prologue, the
-backward epilogue, batch statistics from per-tile partials, and launch helpers.
+backward epilogue, and launch helpers (``partials.py`` holds the per-tile partial results and the
+kernels that finish them).
 
-Tiling. Every kernel walks activations as (image n, tile of BLOCK_P pixels of that image, tile of
-channels). A pixel tile never straddles two images, so ``hw = tile_start + arange`` stays a
-contiguous range and the address of pixel ``hw`` of channel ``c`` is ``n*s_n + c*s_c + hw*s_hw``:
+Tiling. A GEMM's rows are pixels of the whole batch: row ``m`` of ``M = N * H * W`` is pixel
+``m % HW`` of image ``m // HW``, so a tile of BLOCK_P rows may span images (as Inductor tiles M over
+N*H*W): 7x7 and 14x14 maps waste no masked rows on every image, and a late block has enough tiles to
+fill the GPU. The address of pixel ``hw`` of image ``n``, channel ``c`` is ``n*s_n + c*s_c + hw*s_hw``;
 that holds for NCHW (``s_hw = 1``) and channels_last (``s_hw = C_total``) buffers and their channel
-slices alike, because their H and W strides collapse (``s_h == W * s_w``). Triton specializes
-integer arguments equal to 1, so the contiguous dimension is known at compile time either way.
+slices alike, because their H and W strides collapse (``s_h == W * s_w``). When pixels are the
+contiguous axis (NCHW), ``row_align`` tells the compiler how many consecutive rows stay in one image
+and aligned (``ALIGN``), so their loads vectorize and go through cp.async like a plain matrix's.
 
-Statistics. A kernel that produces a tensor whose batch statistics are needed writes, per pixel
-tile and channel, the tile's sum and its sum of squared deviations from the *tile's* mean.
-``finalize_stats`` combines them with Chan's parallel formula, so no sum of squares of raw values
-is ever formed and large means do not cancel the variance away.
+Programs. A GEMM's grid is one-dimensional with the output-channel tile fastest: programs that
+share a tile of activation rows run side by side, so the rows are read from HBM once and reused in L2.
+
+NaN. The ReLU propagates NaN as torch.relu does (``tl.maximum`` lowers to ``max.f32``, which drops
+it), and the backward passes the gradient where the ReLU's output is NaN, as threshold_backward does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -33,9 +38,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch(kernel):
-    """``kernel`` made traceable by torch.compile; interpreted kernels (CPU tests) run as they are."""
-    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+def device_guard(device: torch.device):
+    """A context making ``device`` the current CUDA device (nothing for CPU tensors). Triton launches
+    on the current device and its current stream, not on the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _GuardedLaunch:
+    """``kernel[grid](*args)`` run on the device of its first tensor argument, as the C++ ops'
+    CUDAGuard does: a model on cuda:1 launches there whatever the current device is."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def guarded(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, Tensor))
+            with device_guard(device):
+                return run(*args, **kwargs)
+        return guarded
+
+
+def launch(kernel) -> _GuardedLaunch:
+    """``kernel`` made traceable by torch.compile (interpreted kernels, in the CPU tests, run as they
+    are), launched on its tensors' device: ``launch(kernel)[grid](*args, **constexprs)``."""
+    return _GuardedLaunch(torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -53,11 +82,12 @@ def gemm_warps(precision: str, acc_elements: int) -> int:
     return 8 if precision == "ieee" or acc_elements >= 128 * 128 else 4
 
 
-def weight_grad_pixel_block(precision: str, block_p: int) -> int:
+def weight_grad_pixel_block(precision: str) -> int:
     """Pixels per step of a weight-gradient GEMM, whose reduction runs over pixels. An FMA dot
     ("ieee") keeps each thread's slice of both operands over the whole step in registers: 16
-    pixels keep its 64x64 tile from spilling (64 spilled 10-30 KB per thread on sm_90)."""
-    return 16 if precision == "ieee" else block_p
+    pixels keep its 64x64 tile from spilling (64 spilled 10-30 KB per thread on sm_90). On tensor
+    cores 32: with 64 per step ptxas serialized the wgmma of the pipelined loop (C7515)."""
+    return 16 if precision == "ieee" else 32
 
 
 # Programs a weight-gradient GEMM aims for (a few waves on a big GPU): its reduction over pixel
@@ -79,10 +109,17 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-def pixel_block(hw: int) -> int:
-    """Pixels per GEMM tile: one of two sizes, so few kernel variants are compiled (each costs
-    seconds, and a DenseNet's maps come in four sizes per precision)."""
-    return 32 if hw <= 32 else 64
+# Rows (pixels of the batch) per GEMM tile: 64, the row count of Hopper's wgmma (a 32-row tile
+# compiles to mma.sync). Tiles span images, so small maps need no smaller tile.
+PIXEL_BLOCK = 64
+
+
+def small_map(hw: int) -> bool:
+    """Whether a GEMM over maps of ``hw`` pixels gets narrower output-channel tiles: at 8x8 and below
+    (DenseNet-121's block 4 at 7x7, BC's last block at 8x8) a batch of 64 has only ~50-64 tiles of
+    64 rows, so each is split over more channel tiles for the grid to cover an H100/H200's 132 SMs.
+    A function of the map, not of the batch, so a small batch compiles the same variants."""
+    return hw <= 64
 
 
 def hw_stride(t: Tensor) -> Optional[int]:
@@ -107,6 +144,20 @@ def strides_nchw(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), s_hw
 
 
+def row_align(t: Tensor) -> int:
+    """ALIGN of a kernel's pixel rows over ``t`` (N, C, H, W, collapsible): when the pixels are the
+    contiguous axis, the largest power of two up to 16 that divides both H*W and the image stride,
+    so every aligned group of ALIGN rows is contiguous in memory, in one image and inside or outside
+    the batch as a whole; 1 when pixels are strided (channels_last, whose channels are contiguous)."""
+    hw, s_n = t.shape[2] * t.shape[3], t.stride(0)
+    if strides_nchw(t)[2] != 1 or hw == 0:
+        return 1
+    align = 16
+    while hw % align or s_n % align:
+        align //= 2
+    return align
+
+
 @triton.jit
 def _add(a, b):
     return a + b
@@ -117,57 +168,90 @@ if interpreting() and isinstance(tl.standard.sum, JITFunction):
     # (tl.sum, tl.zeros; the kernels use tl.full) are compiled-only and fail inside interpreted
     # kernels: sum through tl.reduce and a combine function decorated like our kernels (slower).
     @triton.jit
-    def column_sum(v):
-        return tl.reduce(v, 0, _add)
+    def axis_sum(v, axis: tl.constexpr):
+        return tl.reduce(v, axis, _add)
 else:
     @triton.jit
-    def column_sum(v):
-        """``tl.sum(v, axis=0)``."""
-        return tl.sum(v, axis=0)
+    def axis_sum(v, axis: tl.constexpr):
+        """``tl.sum(v, axis)``."""
+        return tl.sum(v, axis=axis)
 
 
 @triton.jit
-def bn_relu(x, scale, shift, valid):
-    """relu(x * scale + shift) in float32, zero where ``valid`` is false (padding, tile overhang)."""
-    y = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-    return tl.where(valid, y, 0.0)
+def column_sum(v):
+    """``tl.sum(v, axis=0)``."""
+    return axis_sum(v, 0)
 
 
 @triton.jit
-def pooled_bn_relu(ptrs, s_xh, s_xw, scale, shift, valid, POOL: tl.constexpr):
+def pixel_rows(pid_m, M, HW, s_n, s_hw, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
+    """Rows ``pid_m * BLOCK_P ...`` of the batch's ``M = N * HW`` pixels: (their mask, pixel index
+    within its image, image index, ``n * s_n + hw * s_hw`` as int64). ``ALIGN`` (see row_align)
+    divides HW, s_n and BLOCK_P: aligned groups of ALIGN rows are then contiguous and wholly valid
+    or not, which the hints tell the compiler so that loads along the rows vectorize."""
+    offs_m = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = offs_m // ALIGN < M // ALIGN  # offs_m < M, constant over each group of ALIGN rows
+    n = offs_m // HW
+    hw = offs_m - n * HW
+    offsets = n.to(tl.int64) * s_n + hw * s_hw
+    if ALIGN > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, ALIGN), ALIGN)
+    return ok, hw, n, offsets
+
+
+@triton.jit
+def relu(v):
+    """torch.relu: NaN propagates (``tl.maximum`` would drop it on the GPU)."""
+    return tl.where(v < 0.0, 0.0, v)
+
+
+@triton.jit
+def relu_passes(v):
+    """Where the ReLU passes its gradient, as threshold_backward(dy, relu(v), 0): NaN included."""
+    return ~(v <= 0.0)
+
+
+@triton.jit
+def bn_relu(x, scale, shift):
+    """relu(x * scale + shift) in float32. Masked-out channels have scale = shift = 0 and give 0;
+    rows are not masked here (a row mask stops the compiler from computing the prologue in the
+    matrix unit's operand layout, and then wgmma is serialized): a GEMM masks rows in its epilogue,
+    or zeroes the other operand there."""
+    return relu(x.to(tl.float32) * scale[None, :] + shift[None, :])
+
+
+@triton.jit
+def pooled_bn_relu(ptrs, s_xh, s_xw, scale, shift, mask, POOL: tl.constexpr):
     """bn_relu of the input tile at ``ptrs``; with ``POOL``, the mean of bn_relu over the 2x2
     window whose top-left inputs ``ptrs`` address (the transition: BN-ReLU, then the average pool)."""
-    y = bn_relu(tl.load(ptrs, mask=valid, other=0.0), scale, shift, valid)
+    y = bn_relu(tl.load(ptrs, mask=mask, other=0.0), scale, shift)
     if POOL:
-        y += bn_relu(tl.load(ptrs + s_xw, mask=valid, other=0.0), scale, shift, valid)
-        y += bn_relu(tl.load(ptrs + s_xh, mask=valid, other=0.0), scale, shift, valid)
-        y += bn_relu(tl.load(ptrs + s_xh + s_xw, mask=valid, other=0.0), scale, shift, valid)
+        y += bn_relu(tl.load(ptrs + s_xw, mask=mask, other=0.0), scale, shift)
+        y += bn_relu(tl.load(ptrs + s_xh, mask=mask, other=0.0), scale, shift)
+        y += bn_relu(tl.load(ptrs + s_xh + s_xw, mask=mask, other=0.0), scale, shift)
         y = y * 0.25
     return y
 
 
 @triton.jit
-def grad_out_tile_t(g_ptr, t, n_hw_tiles, HW, offs_co, co_ok, s_gn, s_gc, s_ghw, BLOCK_P: tl.constexpr):
-    """Pixel tile ``t`` (tile ``t % n_hw_tiles`` of image ``t // n_hw_tiles``) of the output
-    gradient, transposed for a weight-gradient GEMM: (image, pixel offsets, their mask, the
-    BLOCK_CO x BLOCK_P tile)."""
-    n = (t // n_hw_tiles).to(tl.int64)
-    offs_p = (t % n_hw_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < HW
-    gt = tl.load(g_ptr + n * s_gn + offs_co[:, None] * s_gc + offs_p[None, :] * s_ghw,
-                 mask=co_ok[:, None] & p_ok[None, :], other=0.0)
-    return n, offs_p, p_ok, gt
+def input_rows(offsets, hw, s_xh, s_xw, W_out, POOL: tl.constexpr):
+    """Offsets of the input pixel under each GEMM row: the row's own pixel, or with POOL the top-left
+    input of its 2x2 window (``offsets`` then hold only the image part, ``hw`` the output pixel)."""
+    if POOL:
+        return offsets + (2 * (hw // W_out)) * s_xh + (2 * (hw % W_out)) * s_xw
+    return offsets
 
 
 @triton.jit
-def tile_stats(v, valid, first_row, count):
-    """Per-column mean and sum of squared deviations from that mean over the ``valid`` rows
-    (``first_row`` marks the tile's first row, which is always valid).
+def tile_stats(v, valid, count):
+    """Per-column mean and sum of squared deviations from that mean over the ``valid`` rows (the
+    tile's first row always is; ``count`` of them).
 
     Sums are taken of deviations from the tile's first row, so a large mean costs no precision: the
     mean is accurate to about an ulp of itself, and the variance to float32 of the deviations.
     """
-    first = column_sum(tl.where(valid & first_row[:, None], v, 0.0))
+    first_row = (tl.arange(0, v.shape[0]) == 0)[:, None]
+    first = column_sum(tl.where(valid & first_row, v, 0.0))
     dev = tl.where(valid, v - first[None, :], 0.0)
     mean_dev = column_sum(dev) / count
     centered = tl.where(valid, dev - mean_dev[None, :], 0.0)
@@ -179,70 +263,13 @@ def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.con
     """Masks the data gradient ``acc`` by the ReLU recomputed from ``x``, adds ``scale * dy`` into the
     gradient accumulator (or stores it), and returns the tile's sum(dy) and sum(dy * (x - center))."""
     xf = x.to(tl.float32)
-    dy = tl.where(valid & (xf * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
+    dy = tl.where(valid & relu_passes(xf * scale[None, :] + shift[None, :]), acc, 0.0)
     g = dy * scale[None, :]
     if ACCUMULATE:
         g += tl.load(gx_ptrs, mask=valid, other=0.0).to(tl.float32)
     tl.store(gx_ptrs, g.to(gx_ptrs.dtype.element_ty), mask=valid)
     xc = tl.where(valid, xf - center[None, :], 0.0)
     return column_sum(dy), column_sum(dy * xc)
-
-
-@triton.jit
-def _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Partials rows t0 .. t0 + BLOCK_T: (their offsets, mask, pixel count of each tile, tile means)."""
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    rows = offs_t[:, None] * C + offs_c[None, :]
-    ok = (offs_t < T)[:, None] & c_ok[None, :]
-    count = tl.minimum(TILE_P, HW - (offs_t % n_hw_tiles) * TILE_P).to(tl.float32)
-    return rows, ok, count, tl.load(pmean_ptr + rows, mask=ok, other=0.0)
-
-
-@triton.jit
-def _stats_finalize_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, var_ptr,
-    C, T, HW, n_hw_tiles, total,
-    TILE_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    # The mean as the first tile's mean plus the count-weighted deviations of every tile's mean
-    # from it: no sum of raw values is ever formed.
-    m0 = tl.load(pmean_ptr + offs_c, mask=c_ok, other=0.0)
-    acc = tl.full([BLOCK_C], 0.0, tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rows, ok, count, m = _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P, BLOCK_T)
-        acc += column_sum(tl.where(ok, count[:, None] * (m - m0[None, :]), 0.0))
-    mean = m0 + acc / total
-    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rows, ok, count, m = _partial_means(pmean_ptr, t0, T, C, HW, n_hw_tiles, offs_c, c_ok, TILE_P, BLOCK_T)
-        q = tl.load(pm2_ptr + rows, mask=ok, other=0.0)
-        d = m - mean[None, :]
-        m2 += column_sum(tl.where(ok, q + count[:, None] * d * d, 0.0))
-    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, m2 / total, mask=c_ok)
-
-
-def new_partials(rows: int, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-tile partial buffers (rows x channels, float32); every entry is written by a kernel."""
-    return (torch.empty((rows, channels), dtype=torch.float32, device=device),
-            torch.empty((rows, channels), dtype=torch.float32, device=device))
-
-
-def finalize_stats(pmean: Tensor, pm2: Tensor, hw: int, tile_p: int) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (float32) from the partials (tile mean, tile M2) of pixel tiles of
-    ``tile_p`` pixels, row ``n * n_hw_tiles + j`` holding tile j of image n."""
-    rows, channels = pmean.shape
-    n_hw_tiles = triton.cdiv(hw, tile_p)
-    mean = torch.empty(channels, dtype=torch.float32, device=pmean.device)
-    var = torch.empty_like(mean)
-    block_c = pow2_block(channels, 16, 64)
-    total = float((rows // n_hw_tiles) * hw)
-    launch(_stats_finalize_kernel)[(triton.cdiv(channels, block_c),)](
-        pmean, pm2, mean, var, channels, rows, hw, n_hw_tiles, total,
-        TILE_P=tile_p, BLOCK_T=32, BLOCK_C=block_c)
-    return mean, var
 
 
 def ref_stats(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,3 +281,8 @@ def ref_stats(t: Tensor) -> tuple[Tensor, Tensor]:
 def ref_bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """Reference relu(x * scale + shift) in float64."""
     return torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
+
+
+def ref_relu_backward(grad: Tensor, pre: Tensor) -> Tensor:
+    """The gradient through relu(pre), masked as torch.relu's backward masks it (NaN passes)."""
+    return torch.ops.aten.threshold_backward(grad, torch.relu(pre), 0)
