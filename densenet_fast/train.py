@@ -104,7 +104,7 @@ def _architecture(config: TrainConfig, state: Optional[dict]) -> None:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    from . import models
+    from . import builders as models
 
     if config.model == "densenet_bc":
         return models.densenet_bc(config.depth, config.growth_rate, num_classes=num_classes)
