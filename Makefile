@@ -4,8 +4,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 # matplotlib and scikit-learn: the [cli] extra (train, --plot), which demo and the tests use;
 # build, wheel and setuptools>=77: .ci/run builds the sdist and wheel with this venv's torch.
+# onnx, onnxscript, onnxruntime: the ONNX export tests (classic and dynamo) run the exported model.
 PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm \
-	build wheel 'setuptools>=77'
+	build wheel 'setuptools>=77' onnx onnxscript onnxruntime
 
 .PHONY: demo test bench test-torch2.11
 
