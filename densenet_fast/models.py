@@ -7,7 +7,6 @@ after it) instead runs as one fused node (``densenet_fast.block``) when ``densen
 finds that node computes exactly what the modules say. TorchScript compiles only the modules'
 own path (the fused one is ``torch.jit.unused``).
 """
-from __future__ import annotations
 
 import re
 from collections import OrderedDict
