@@ -7,7 +7,8 @@ after it) instead runs as one fused node (``densenet_fast.block``) when ``densen
 finds that node computes exactly what the modules say. TorchScript compiles only the modules'
 own path (the fused one is ``torch.jit.unused``).
 """
-
+# No ``from __future__ import annotations``: torch.fx writes forward's annotations into the code it
+# generates, which TorchScript compiles (a string annotation is an unknown type name there).
 import re
 from collections import OrderedDict
 from typing import Any, List, Optional, Union
