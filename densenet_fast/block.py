@@ -316,6 +316,8 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     Under torch.autocast the activations and conv weights are in the autocast dtype (as
     torchvision's convs and BNs produce them) while statistics and BN math stay in float32.
     """
+    if not torch.compiler.is_compiling():
+        register_flop_formulas()
     params = stage.params()
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     conv_dtype = next((p.dtype for p in params if p is not None and p.dim() == 4), x.dtype)
@@ -381,11 +383,17 @@ def _dense_stage_backward_flops(grad_out_shape, buf_shape, packed, masks, bottle
     return total
 
 
-def _register_flop_formulas() -> None:
+_flop_formulas_registered = False
+
+
+def register_flop_formulas() -> None:
+    """Register the formulas once torch.utils.flop_counter is loaded (importing it at our import would
+    pull in triton: a FlopCounterMode can only be active once it is loaded, so this runs in time)."""
+    global _flop_formulas_registered
+    if _flop_formulas_registered or "torch.utils.flop_counter" not in sys.modules:
+        return
     from torch.utils.flop_counter import register_flop_formula
 
     register_flop_formula(torch.ops.densenet_fast.dense_stage)(_dense_stage_flops)
     register_flop_formula(torch.ops.densenet_fast.dense_stage_backward)(_dense_stage_backward_flops)
-
-
-_register_flop_formulas()
+    _flop_formulas_registered = True
