@@ -302,8 +302,6 @@ def training_memory(fn: Callable[[], object], model: nn.Module, optimizer: Optio
     return out[0], before + peak
 
 
-
-
 # --- The command --------------------------------------------------------------------------------------
 
 def validate(args: argparse.Namespace) -> None:
@@ -365,8 +363,10 @@ def run(args: argparse.Namespace) -> int:
     precision = (f"autocast {str(amp).removeprefix('torch.')}" if amp else args.dtype) + (
         ", channels_last" if args.channels_last else "")
     n_models = 2 + args.compile + len(args.backends)
-    sweeps = [(None, d, args.plot_batch, args.plot_size, "depth", d) for d in args.plot_depths] + [
-        (args.model, args.depth, b, args.img_size, "batch", b) for b in args.plot_batches] if args.plot else []
+    sweeps = []  # the plot's memory-only configurations: (model, depth, batch, side, key, value)
+    if args.plot:
+        sweeps += [(None, d, args.plot_batch, args.plot_size, "depth", d) for d in args.plot_depths]
+        sweeps += [(args.model, args.depth, b, args.img_size, "batch", b) for b in args.plot_batches]
     bar = tqdm(total=planned_steps(n_models, args.rounds, args.warmup) + len(sweeps) * planned_steps(n_models, 0, 0),
                desc=f"bench {what}", unit="step", leave=False, dynamic_ncols=True)
 

@@ -59,10 +59,6 @@ def bc_state_bytes(depth: int, growth_rate: int, element_size: int = 4) -> int:
     return 3 * params * element_size + buffers
 
 
-def bc_depths(n_max: int) -> list[int]:
-    return [6 * n + 4 for n in range(1, n_max + 1)]
-
-
 def _bc_model(kind: str, depth: int, growth_rate: int) -> nn.Module:
     if kind.startswith("densenet_fast"):
         from .builders import densenet_bc

@@ -151,10 +151,9 @@ def prepare(config: TrainConfig) -> Run:
     config.seed = DEFAULT_SEED if config.seed is None else config.seed
     _architecture(config, state)
     if config.backend is not None:
-        from .ops import set_backend
+        from .ops import backend_named
 
-        set_backend(config.backend)
-        set_backend(None)  # checked only: fit pins it for its own duration
+        backend_named(config.backend)  # known and built here (fit pins it for its own duration)
 
     data = open_data(config.dataset, config.data_dir, config.img_size)
     if state is not None and list(state["classes"]) != data.classes:
@@ -230,7 +229,8 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
 
     config, model, optimizer, scaler = run.config, run.model, run.optimizer, run.scaler
     previous_backend = get_backend_name()
-    set_backend(config.backend if config.backend is not None else previous_backend)
+    if config.backend is not None:
+        set_backend(config.backend)  # pinned for this run only
     what = (f"DenseNet-BC depth {config.depth}, k {config.growth_rate}" if config.model == "densenet_bc"
             else config.model)
     if run.start_epoch:
@@ -295,7 +295,8 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
             log(f"nothing to train: the checkpoint is already at epoch {run.start_epoch} of {config.epochs}")
         log(f"test accuracy: {history[-1].test_accuracy if history else _evaluate(run):.4f}")
     finally:
-        set_backend(previous_backend)
+        if config.backend is not None:
+            set_backend(previous_backend)
     return history
 
 

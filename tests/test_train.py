@@ -186,9 +186,15 @@ def test_train_on_cifar10_in_torchvision_layout(capsys, tmp_path, monkeypatch):
         pickle.dump({"label_names": names}, f)
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: True)  # batches.meta
-    status, out, err = run(capsys, *TINY, "-b", "8", "--epochs", "1", "--data-dir", str(tmp_path / "cifar"))
+    from densenet_fast.ops import get_backend_name
+
+    before = get_backend_name()
+    status, out, err = run(capsys, *TINY, "-b", "8", "--epochs", "1", "--data-dir", str(tmp_path / "cifar"),
+                           "--backend", "torch", "--amp", "--channels-last")
     assert status == 0, err
     assert "CIFAR-10" in out and "30 train / 10 test images" in out and "epoch 1/1:" in out
+    assert "autocast bfloat16, channels_last" in out.splitlines()[0]
+    assert get_backend_name() == before  # --backend pins it for the run only
 
 
 @pytest.fixture
