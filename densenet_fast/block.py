@@ -14,6 +14,7 @@ back to the host.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional, Sequence
 
 import torch
