@@ -200,12 +200,12 @@ def _setup_context(ctx, inputs, output):
     out, buf, packed, masks, bottlenecks, weights = output
     spec = algo.decode(ints, floats)
     kept = x if spec.num_layers == 0 else (buf if spec.has_transition else out)
-    # x itself, for a double backward (stage_autograd.py): saved as a view of the buffer's first
-    # channels, which hold its values, so it costs no memory and stays x to autograd.
+    # x itself, for a double backward (stage_autograd.py), which must differentiate through it. Its
+    # values are also the buffer's first channels, but autograd keeps the saved input's storage:
+    # one block input per stage (6 MiB of DenseNet-121's 166 at batch 8, 224x224); a known cost.
     # Compiled graphs do not double-backward: they keep no x (a placeholder says so).
     x_saved = x.new_empty(0) if torch.compiler.is_compiling() and kept is not x else x
-    with stage_autograd.saved_as_buffer_prefix(x_saved, kept):
-        ctx.save_for_backward(kept, packed, *masks, *bottlenecks, *params, *weights, x_saved)
+    ctx.save_for_backward(kept, packed, *masks, *bottlenecks, *params, *weights, x_saved)
     ctx.mark_non_differentiable(buf, packed, *masks, *bottlenecks, *weights)
     ctx.set_materialize_grads(False)  # else autograd allocates zero grads as large as the buffer
     ctx.sizes = (len(masks), len(bottlenecks), len(params), len(running))

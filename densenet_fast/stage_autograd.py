@@ -6,12 +6,10 @@ products), the stage's backward instead recomputes the stage from its saved inpu
 torch.cat / batch_norm / relu / conv2d / avg_pool2d, reusing the forward's dropout masks, and
 differentiates that: torchvision's numbers, at torchvision's memory cost, only on that path.
 
-The stage input is saved as a view of the feature buffer's first channels (which hold its values)
-that autograd still treats as the input: no extra memory on the normal path.
+The stage's op saves its input for this (a known cost of one block input per stage).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -19,26 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _PARAMS_PER_LAYER = 6  # as block_algorithm.PARAMS_PER_LAYER
-
-
-def saved_as_buffer_prefix(x: Tensor, buf: Tensor):
-    """Context for ``ctx.save_for_backward``: ``x`` is packed as a reference to ``buf``'s first
-    channels (equal to ``x``) instead of keeping its own storage alive."""
-    if buf is x or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    channels = x.shape[1]
-
-    def pack(t: Tensor):
-        if t is x:
-            return ("buffer prefix", buf.detach(), channels)
-        return t.detach()  # not the tensor itself: an output saved with hooks would form a reference cycle
-
-    def unpack(packed):
-        if isinstance(packed, tuple):
-            return packed[1][:, :packed[2]]
-        return packed
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def eval_running_stats(running: Sequence[Tensor], batch_stats: Sequence[bool]) -> list[Optional[tuple[Tensor, Tensor]]]:
