@@ -11,13 +11,15 @@ the steps compute are meaningless and unused.
 
 It prints one line per compiled variant and a summary (variants and seconds per kernel), and exits
 with 1, naming the kernel and its signature, if any variant fails to compile (or, with
-``--max-spill``, spills more registers than allowed). Compile time here is
-CPU time, so the summary also says what the first GPU run pays for compilation.
+``--max-spill``, spills more registers than allowed; with ``--check-sass``, breaks a rule of
+SASS_RULES below). Compile time here is CPU time, so the summary also says what the first GPU run
+pays for compilation.
 
     python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
     python benchmarks/triton_aot.py --arch 80             # sm_80 (A100)
     python benchmarks/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
     python benchmarks/triton_aot.py --set bench --resources  # + registers, spills and SASS facts per variant
+    python benchmarks/triton_aot.py --set bench --batch 2 --resources --max-spill 1024 --check-sass  # CI
 
 Compiled kernels land in Triton's on-disk cache (~/.triton/cache, or TRITON_CACHE_DIR), keyed by
 source, target and specialization, not by how they were compiled. So ``benchmarks/gpu_check`` runs
@@ -145,6 +147,46 @@ def install(arch: int, with_resources: bool = False) -> None:
     densenet_fast.set_backend("triton")
 
 
+HALF = ("fp16", "bf16")
+PIPELINED = ("_conv1x1_fwd_kernel", "_conv1x1_bwd_data_kernel", "_conv1x1_bwd_weight_kernel")
+
+
+def constexprs(label: str) -> dict[str, str]:
+    """The specialization part of a variant's label (constexprs and specialized integers)."""
+    return dict(item.split("=", 1) for item in label.split(" | ")[1].split(", ") if "=" in item)
+
+
+def aligned_rows(consts: dict[str, str]) -> bool:
+    """Whether every pixel-row alignment of a variant (see common.row_align) allows full vectors."""
+    aligns = [int(v) for k, v in consts.items() if k.endswith("ALIGN")]
+    return bool(aligns) and min(aligns) >= 8
+
+
+# What --check-sass requires of the sm_90 variants (each rule: what it covers, the check, why):
+SASS_RULES = [
+    ("half-precision GEMMs run their hot loop on wgmma",
+     lambda kernel, dtype, consts: kernel.startswith("_conv") and dtype in HALF,
+     lambda f: f.mma == "wgmma"),
+    ("conv1x1 GEMMs over aligned rows are software-pipelined: cp.async loads, a wgmma kept in flight",
+     lambda kernel, dtype, consts: kernel in PIPELINED and dtype in HALF and consts.get("POOL") == "False"
+     and aligned_rows(consts),
+     lambda f: f.async_copy == "cp.async" and f.wgmma_wait >= 1),
+]
+
+
+def sass_violations(rows, arch: int) -> list[str]:
+    """The variants that break a rule of SASS_RULES (rules hold for sm_90; other targets: none)."""
+    if arch != 90:
+        return []
+    broken = []
+    for kernel, label, _, _, _, sass in rows:
+        dtype, consts = variant_dtype(label), constexprs(label)
+        for rule, covers, holds in SASS_RULES:
+            if covers(kernel, dtype, consts) and not holds(sass):
+                broken.append(f"{rule}: {kernel} [{sass.describe()}]  {label}")
+    return broken
+
+
 def variant_dtype(label: str) -> str:
     """The element type of a variant's first pointer argument (its activations): fp32, fp16, bf16."""
     match = re.search(r"=\*(\w+)", label)
@@ -225,15 +267,18 @@ def main(argv=None) -> int:
                         help="also registers, spilled bytes and shared memory per variant (ptxas -v)")
     parser.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
                         help="with --resources: fail if a variant spills more than BYTES per thread")
+    parser.add_argument("--check-sass", action="store_true",
+                        help="with --resources: fail if an sm_90 variant breaks a rule of SASS_RULES (wgmma, cp.async)")
     parser.add_argument("--batch", type=int, default=64, help="batch of the bench workloads (gpu_check's: 64)")
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.max_spill is not None and not args.resources:
-        parser.error("--max-spill needs --resources")
+    if (args.max_spill is not None or args.check_sass) and not args.resources:
+        parser.error("--max-spill and --check-sass need --resources")
     if args.jobs > 1:
         options = ["--arch", str(args.arch), "--set", args.set, "--batch", str(args.batch)]
         options += ["--resources"] * args.resources
         options += ["--max-spill", str(args.max_spill)] if args.max_spill is not None else []
+        options += ["--check-sass"] * args.check_sass
         return run_shards(options, args.jobs)
     index, count = map(int, args.shard.split("/"))
     install(args.arch, args.resources)
@@ -275,6 +320,13 @@ def main(argv=None) -> int:
     if args.max_spill is not None and any(r[3] > args.max_spill for r in resources):
         print(f"FAILED: variants spill more than {args.max_spill} B per thread (listed above)")
         return 1
+    if args.check_sass:
+        broken = sass_violations(resources, args.arch)
+        print(f"SASS rules: {len(SASS_RULES)} checked, {len(broken)} variant(s) break one" + (":" if broken else ""))
+        for line in broken:
+            print(f"  {line}")
+        if broken:
+            return 1
     return 0
 
 

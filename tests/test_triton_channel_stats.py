@@ -41,3 +41,30 @@ def test_large_mean_does_not_cancel():
     # float32 sum-of-squares would lose the 1e-4 variance entirely (1e6 * 2**-24 ~ 0.06)
     torch.testing.assert_close(mean, mean_ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(var, var_ref, atol=0, rtol=1e-3)
+
+
+
+def test_finalize_over_many_tiles():
+    """finalize_stats (one program per channel here) over 1172 tiles, more than one step of 1024,
+    the last tile partial: from partials computed by torch, against torch's statistics."""
+    from densenet_fast.ops.triton.partials import finalize_stats
+
+    torch.manual_seed(2)
+    m, c, tile = 300_000, 3, 256
+    values = (torch.randn(m, c, dtype=torch.float64) * 3 + 5)
+    tiles = [values[i:i + tile] for i in range(0, m, tile)]
+    means = torch.stack([t.mean(0) for t in tiles], 1)
+    m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles], 1)
+    mean, var = finalize_stats(torch.stack([means, m2]).float().to(DEVICE), m, tile)
+    torch.testing.assert_close(mean, values.mean(0).float().to(DEVICE), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, values.var(0, unbiased=False).float().to(DEVICE), atol=1e-5, rtol=1e-5)
+
+
+def test_stats_over_many_channels():
+    """300 channels of an 8x8 map: finalize programs of two channels each, tiles spanning images."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 300, 8, 8, device=DEVICE) * 3 - 1
+    mean, var = channel_stats(x)
+    mean_ref, var_ref = channel_stats_ref(x)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, var_ref, atol=1e-5, rtol=1e-5)

@@ -27,12 +27,38 @@ def test_kernels_compile_for_gpu(arch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other Triton tests compile and run every kernel")
-def test_benchmark_kernels_keep_their_registers():
+def test_benchmark_kernels_keep_their_registers_and_matrix_units():
     """The launch configurations were chosen so that no kernel of the benchmark workloads spills
     registers badly on sm_90 (at 4 warps everywhere fp32 weight-gradient GEMMs spilled up to 31 KB
-    per thread; now at most 504 B, a few bf16 variants). Batch 2 launches the same kernels with the same
-    tile configurations as batch 64; only some integer specializations differ."""
+    per thread), and their SASS keeps what the kernels were shaped for (triton_aot.SASS_RULES):
+    every half-precision GEMM on wgmma (the conv3x3 weight gradient was on mma.sync), the conv1x1
+    GEMMs over aligned rows software-pipelined (cp.async, a wgmma in flight). Batch 2 launches the
+    same GEMM kernels with the same tile configurations as batch 64 (GEMM tiles depend on the maps,
+    not the batch); some integer specializations and the statistics finalize's tiles differ."""
     result = subprocess.run([sys.executable, str(SCRIPT), "--set", "bench", "--batch", "2", "--resources",
-                             "--max-spill", "1024"], capture_output=True, text=True, timeout=1800)
+                             "--max-spill", "1024", "--check-sass"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     assert "variants spill registers" in result.stdout
+    assert "SASS rules: 2 checked, 0 variant(s) break one" in result.stdout
+
+
+def test_sass_facts_find_the_hot_loop():
+    """benchmarks/sass_facts.py on a hand-written SASS listing: the innermost loop holding the
+    matrix instructions, its async copies, wgmma wait depth and narrow loads."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sass_facts import facts
+
+    sass = """
+        /*0000*/                   LDG.E.U16 R2, desc[UR4][R4.64] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0020*/                   HGMMA.64x64x16.F32 R24, R64, gdesc[UR4], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   LDG.E.U16 R8, desc[UR4][R4.64] ;
+        /*0050*/              @!P0 BRA 0x10 ;
+        /*0060*/                   STL [R1], R9 ;
+        /*0070*/                   EXIT ;
+    """
+    f = facts(sass)
+    assert (f.mma, f.async_copy, f.wgmma_wait, f.narrow_loads, f.local_memory) == ("wgmma", "cp.async", 1, 1, 1)
+    serial = facts(sass.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32").replace("LDGSTS.E.BYPASS.128", "LDG.E.128"))
+    assert (serial.mma, serial.async_copy, serial.wgmma_wait) == ("mma.sync", "-", 1)

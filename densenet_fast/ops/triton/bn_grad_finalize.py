@@ -15,7 +15,7 @@ from .common import collapsible, launch, pixel_rows, pow2_block, row_align, stri
 _TILE_P = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_c_tiles"])
 def _bn_grad_finalize_kernel(
     gx_ptr, x_ptr, center_ptr, coef_x_ptr, coef_c_ptr, C, M, HW, n_c_tiles,
     s_gn, s_gc, s_ghw, s_xn, s_xc, s_xhw,
@@ -44,12 +44,12 @@ def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, 
     m = n * h * w
     x = collapsible(x)
     target = grad_x if collapsible(grad_x) is grad_x else grad_x.contiguous()
-    tile_p = min(_TILE_P, triton.next_power_of_2(m))
+    tile_p = _TILE_P  # tiles span images: one size for every map (fewer variants to compile)
     block_c = pow2_block(c, 16, 32)
     n_c_tiles = triton.cdiv(c, block_c)
     launch(_bn_grad_finalize_kernel)[(triton.cdiv(m, tile_p) * n_c_tiles,)](
         target, x, center, coef_x, coef_c, c, m, h * w, n_c_tiles, *strides_nchw(target), *strides_nchw(x),
-        ALIGN=min(row_align(x), row_align(target), tile_p), BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
+        ALIGN=min(row_align(x), row_align(target)), BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
     if target is not grad_x:
         grad_x.copy_(target)
 

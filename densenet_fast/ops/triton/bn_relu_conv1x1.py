@@ -25,7 +25,7 @@ from .common import (PIXEL_BLOCK, collapsible, dot_precision, gemm_warps, input_
 from .partials import finalize_stats, new_stats_partials, store_tile_partials
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_co_tiles"])
 def _conv1x1_fwd_kernel(
     x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, p_ptr,
     C_in, C_out, M, HW_out, W_out, n_co_tiles,

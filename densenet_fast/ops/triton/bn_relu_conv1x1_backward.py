@@ -27,13 +27,13 @@ from torch import Tensor
 from .common import (PIXEL_BLOCK, collapsible, dot_precision, dy_epilogue, gemm_warps, input_rows, launch,
                      pixel_rows, pooled_bn_relu, pow2_block, ref_bn_relu, ref_relu_backward, row_align,
                      split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
-from .partials import new_stats_partials, store_tile_partials, sum_pair_partials, sum_partials
+from .partials import new_stats_partials, store_tile_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles).
 _MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_ci_tiles"])
 def _conv1x1_bwd_data_kernel(
     g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
     C_in, C_out, M, HW_out, W_out, n_ci_tiles,
@@ -85,7 +85,7 @@ def _conv1x1_bwd_data_kernel(
     store_tile_partials(p_ptr, C_in, tl.cdiv(M, BLOCK_P), pid_m, offs_ci, ci_ok, sum_dy, sum_dy_xc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_ci_tiles", "n_co_tiles", "tiles_per_split", "total_tiles"])
 def _conv1x1_bwd_weight_kernel(
     g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
     C_in, C_out, M, HW_out, W_out, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
@@ -163,7 +163,6 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32), num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
-    sum_dy, sum_dy_xc = sum_pair_partials(partials)
 
     if need_weight_grad:
         block_ci = pow2_block(c_in, 64, 64)  # wgmma's rows: at least 64
@@ -180,10 +179,10 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
             # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
             num_warps=8 if pool else gemm_warps(precision, block_co * block_ci), num_stages=3)
-        grad_weight = sum_partials(pgw, weight.dtype, transpose=True).view(weight.shape)
-    else:
-        grad_weight = torch.empty(0, dtype=weight.dtype, device=x.device)
-    return grad_weight, sum_dy, sum_dy_xc
+        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype)
+        return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
+    sum_dy, sum_dy_xc, _ = sum_partials(partials)
+    return torch.empty(0, dtype=weight.dtype, device=x.device), sum_dy, sum_dy_xc
 
 
 @torch.library.triton_op("densenet_fast_triton::bn_relu_conv1x1_backward", mutates_args={"grad_x"})

@@ -24,7 +24,7 @@ from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, gemm_warp
 from .partials import finalize_stats, new_stats_partials, store_tile_partials
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_co_tiles"])
 def _conv3x3_fwd_kernel(
     z_ptr, scale_ptr, shift_ptr, w_ptr, noise_ptr, out_ptr, p_ptr,
     C_in, C_out, M, H, W, n_co_tiles,
@@ -96,8 +96,9 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
         c_in, c_out, m, h, w, n_co_tiles, *strides_nchw(z), *weight.stride(), *s_noise, *strides_nchw(target),
         HAS_NOISE=noise is not None, WITH_STATS=with_stats, PRECISION=precision,
         OUT_ALIGN=min(row_align(target), block_p), BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32,
-        # FMA dots (float32 without TF32) hold the tap's accumulator beside the total: 8 warps.
-        num_warps=gemm_warps(precision, block_p * block_co), num_stages=3)
+        # Two accumulators (the tap's and the total): FMA dots (float32 without TF32) get 8 warps
+        # from 64 x 32 tiles up (at 4, Triton 3.6 spilled).
+        num_warps=gemm_warps(precision, 2 * block_p * block_co), num_stages=3)
     if target is not out:
         out.copy_(target)
     if not with_stats:

@@ -26,14 +26,14 @@ from torch import Tensor
 from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, dy_epilogue, launch, pixel_rows, pow2_block,
                      ref_bn_relu, ref_relu_backward, row_align, split_pixel_tiles, strides_nchw,
                      weight_grad_pixel_block)
-from .partials import new_stats_partials, store_tile_partials, sum_pair_partials, sum_partials
+from .partials import new_stats_partials, store_tile_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles); each is 9x
 # larger than a conv1x1's.
 _MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_ci_tiles"])
 def _conv3x3_bwd_data_kernel(
     g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
     C_in, C_out, M, H, W, n_ci_tiles,
@@ -95,7 +95,7 @@ def _store_tap(pgw_ptr, acc, offs_ci, offs_co, mask, C_out, TAP: tl.constexpr):
     tl.store(pgw_ptr + offs_ci[:, None] * (9 * C_out) + TAP * C_out + offs_co[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_ci_tiles", "n_co_tiles", "tiles_per_split", "total_tiles"])
 def _conv3x3_bwd_weight_kernel(
     g_ptr, z_ptr, scale_ptr, shift_ptr, pgw_ptr,
     C_in, C_out, M, H, W, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
@@ -170,12 +170,12 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64), num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
-    sum_dy, sum_dy_xc = sum_pair_partials(partials)
 
     if need_weight_grad:
         # Nine accumulators of block_ci x block_co: 64 rows for wgmma; an FMA dot (float32 without
-        # TF32) keeps its operands' slices in registers too, and 64 x 32 tiles spilled 12 KB.
-        block_ci = 32 if precision == "ieee" else 64
+        # TF32) keeps its operands' slices in registers too: 64 x 32 tiles spilled 12 KB, 32 x 32
+        # 344 B, 16 x 32 none (sm_90, 8 warps).
+        block_ci = 16 if precision == "ieee" else 64
         block_co = pow2_block(c_out, 16, 32)
         block_p = weight_grad_pixel_block(precision)
         total_tiles = triton.cdiv(m, block_p)
@@ -187,10 +187,10 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
             *strides_nchw(grad_out), *strides_nchw(z), PRECISION=precision,
             G_ALIGN=min(row_align(grad_out), block_p), BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
             num_warps=8, num_stages=3)
-        grad_weight = sum_partials(pgw, weight.dtype, transpose=True).view(weight.shape)
-    else:
-        grad_weight = torch.empty(0, dtype=weight.dtype, device=z.device)
-    return grad_weight, sum_dy, sum_dy_xc
+        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype)
+        return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
+    sum_dy, sum_dy_xc, _ = sum_partials(partials)
+    return torch.empty(0, dtype=weight.dtype, device=z.device), sum_dy, sum_dy_xc
 
 
 def bn_relu_conv3x3_backward_ref(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,

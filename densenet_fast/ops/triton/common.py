@@ -14,6 +14,11 @@ and aligned (``ALIGN``), so their loads vectorize and go through cp.async like a
 Programs. A GEMM's grid is one-dimensional with the output-channel tile fastest: programs that
 share a tile of activation rows run side by side, so the rows are read from HBM once and reused in L2.
 
+Specialization. Channel counts and strides are specialized (Triton's divisibility by 16): a mask
+``offs_k < C_in`` is then constant over aligned groups of 16 and weight tiles load as vectors
+and through cp.async. Tile counts and the batch's row count ``M`` are not (``do_not_specialize``):
+they would only multiply the variants to compile.
+
 NaN. The ReLU propagates NaN as torch.relu does (``tl.maximum`` lowers to ``max.f32``, which drops
 it), and the backward passes the gradient where the ReLU's output is NaN, as threshold_backward does.
 """
@@ -78,8 +83,11 @@ def gemm_warps(precision: str, acc_elements: int) -> int:
     """Warps of a GEMM kernel whose accumulator tile has ``acc_elements``. float32 without TF32
     ("ieee") has no tensor-core path: its dot runs on FMAs with each thread's share of the
     operands in registers, and at 4 warps a 64x64 tile spills (``ptxas -v``, see
-    benchmarks/triton_aot.py --resources), so it gets 8 warps, as do tiles of 128x128 and up."""
-    return 8 if precision == "ieee" or acc_elements >= 128 * 128 else 4
+    benchmarks/triton_aot.py --resources), so it gets 8 warps, as do tiles of 128x128 and up;
+    smaller FMA tiles keep 4 (at 8, ptxas capped a 64x32 tile at 128 registers and spilled)."""
+    if precision == "ieee":
+        return 8 if acc_elements >= 64 * 64 else 4
+    return 8 if acc_elements >= 128 * 128 else 4
 
 
 def weight_grad_pixel_block(precision: str) -> int:

@@ -8,10 +8,13 @@ ever formed and large means do not cancel the variance away. Channel-major rows 
 partials contiguous: one program per few channels reads them coalesced, every channel in parallel.
 
 Sums. Partial sums (the backward's per-tile sum(dy), sum(dy * xc); the weight-gradient GEMMs'
-splits) are summed in a fixed order by ``sum_partials``: deterministic, no atomics, and the cast to
-the output dtype happens in the same kernel.
+splits) are summed in a fixed order by ``sum_partials``: deterministic, no atomics, the weight
+gradient's transpose and cast to its dtype in the same kernel, and both jobs of a backward op in
+one launch.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -44,7 +47,7 @@ def _tile_means(p_ptr, t0, R, M, offs_c, c_ok, TILE_P: tl.constexpr, BLOCK_T: tl
     return idx, ok, count[None, :], tl.load(p_ptr + idx, mask=ok, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, C, R, M,
                            TILE_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -84,6 +87,7 @@ def finalize_stats(partials: Tensor, m: int, tile_p: int) -> tuple[Tensor, Tenso
 
 @triton.jit
 def _sum_columns(p_ptr, R, s_r, s_c, offs_c, c_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column sums, rows in order, of the (R, C) matrix at ``p_ptr`` (strides s_r, s_c)."""
     acc = tl.full([BLOCK_C], 0.0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -92,48 +96,47 @@ def _sum_columns(p_ptr, R, s_r, s_c, offs_c, c_ok, BLOCK_R: tl.constexpr, BLOCK_
     return acc
 
 
-@triton.jit
-def _sum_partials_kernel(p_ptr, out_ptr, out2_ptr, R, C, s_r, s_c, s_pair, inner,
-                         PAIR: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    acc = _sum_columns(p_ptr, R, s_r, s_c, offs_c, c_ok, BLOCK_R, BLOCK_C)
-    if TRANSPOSE:  # column c = (a, b) of an (A, inner) matrix goes to (b, a)
-        out_offs = (offs_c % inner) * (C // inner) + offs_c // inner
+# Tiles of the two jobs: tile sums over their contiguous axis (long rows, a few channels per
+# program); split sums over their slow axis (a few splits, wide contiguous rows).
+_PAIR_R, _PAIR_C = tl.constexpr(256), tl.constexpr(8)
+_SPLIT_R, _SPLIT_C = tl.constexpr(8), tl.constexpr(256)
+
+
+@triton.jit(do_not_specialize=["S", "A", "B", "n_pair_programs"])
+def _sum_partials_kernel(pair_ptr, sum_a_ptr, sum_b_ptr, C, R, split_ptr, out_ptr, S, A, B, n_pair_programs,
+                         HAS_PAIRS: tl.constexpr, HAS_SPLITS: tl.constexpr):
+    pid = tl.program_id(0)
+    if HAS_PAIRS and pid < n_pair_programs:
+        # (2, C, R) partials -> their two per-channel sums over R
+        offs_c = pid * _PAIR_C + tl.arange(0, _PAIR_C)
+        c_ok = offs_c < C
+        tl.store(sum_a_ptr + offs_c, _sum_columns(pair_ptr, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C), mask=c_ok)
+        tl.store(sum_b_ptr + offs_c, _sum_columns(pair_ptr + C * R, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C),
+                 mask=c_ok)
+    if HAS_SPLITS and pid >= n_pair_programs:
+        # (S, A, B) partials -> the (B, A) transpose of their sum over S, in the output's dtype
+        offs = (pid - n_pair_programs) * _SPLIT_C + tl.arange(0, _SPLIT_C)
+        ok = offs < A * B
+        acc = _sum_columns(split_ptr, S, A * B, 1, offs, ok, _SPLIT_R, _SPLIT_C)
+        tl.store(out_ptr + (offs % B) * A + offs // B, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_partials(pairs: Tensor, splits: Optional[Tensor] = None,
+                 dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Finishes a backward op's partials in one kernel: the two per-channel float32 sums over R of
+    (2, C, R) ``pairs`` and, given (S, A, B) ``splits`` (a weight gradient's float32 split partials),
+    the (B, A) transpose of their sum over S in ``dtype``. Sums run in order: deterministic."""
+    _, channels, rows = pairs.shape
+    sum_a = torch.empty(channels, dtype=torch.float32, device=pairs.device)
+    sum_b = torch.empty_like(sum_a)
+    n_pair = triton.cdiv(channels, _PAIR_C.value)
+    if splits is None:
+        out, n_split, (s, a, b) = sum_a, 0, (0, 0, 0)
     else:
-        out_offs = offs_c
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
-    if PAIR:
-        acc2 = _sum_columns(p_ptr + s_pair, R, s_r, s_c, offs_c, c_ok, BLOCK_R, BLOCK_C)
-        tl.store(out2_ptr + offs_c, acc2.to(out2_ptr.dtype.element_ty), mask=c_ok)
-
-
-def _sum(partials: Tensor, outs: tuple[Tensor, ...], rows: int, cols: int, s_r: int, s_c: int, s_pair: int,
-         inner: int = 0) -> None:
-    if s_c == 1:  # summing over the slow axis (the splits of a weight gradient): wide rows
-        block_r, block_c = 8, 256
-    else:  # over the contiguous axis (the tiles of each channel): long rows, a few channels per program
-        block_r, block_c = 256, 8
-    launch(_sum_partials_kernel)[(triton.cdiv(cols, block_c),)](
-        partials, outs[0], outs[-1], rows, cols, s_r, s_c, s_pair, inner,
-        PAIR=len(outs) == 2, TRANSPOSE=inner > 0, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-
-
-def sum_pair_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
-    """The two per-channel float32 sums over R of (2, C, R) partials, in one kernel."""
-    _, channels, rows = partials.shape
-    outs = (torch.empty(channels, dtype=torch.float32, device=partials.device),
-            torch.empty(channels, dtype=torch.float32, device=partials.device))
-    _sum(partials, outs, rows, channels, partials.stride(2), partials.stride(1), partials.stride(0))
-    return outs
-
-
-def sum_partials(partials: Tensor, dtype: torch.dtype, transpose: bool = False) -> Tensor:
-    """``partials.sum(0).to(dtype)`` of float32 partials (splits, ...), in one kernel, splits summed in
-    order; with ``transpose``, partials (splits, A, B) give the (B, A) transpose of their sum."""
-    flat = partials.view(partials.shape[0], -1)
-    shape = (partials.shape[2], partials.shape[1]) if transpose else partials.shape[1:]
-    out = torch.empty(shape, dtype=dtype, device=partials.device)
-    _sum(flat, (out,), flat.shape[0], flat.shape[1], flat.stride(0), flat.stride(1), 0,
-         partials.shape[2] if transpose else 0)
-    return out
+        s, a, b = splits.shape
+        out = torch.empty((b, a), dtype=dtype, device=pairs.device)
+        n_split = triton.cdiv(a * b, _SPLIT_C.value)
+    launch(_sum_partials_kernel)[(n_pair + n_split,)](
+        pairs, sum_a, sum_b, channels, rows, splits if splits is not None else pairs, out, s, a, b, n_pair,
+        HAS_PAIRS=True, HAS_SPLITS=splits is not None, num_warps=4)
+    return sum_a, sum_b, (out if splits is not None else None)
