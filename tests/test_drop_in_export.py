@@ -105,3 +105,23 @@ def test_onnx_export(dynamo):
         (logits,) = session.run(None, {"x": x.numpy()})
         assert_same_tensors([torch.from_numpy(logits)], [tv(x)], f"ONNX ({'dynamo' if dynamo else 'classic'})",
                             dtype=torch.float32)
+
+
+def test_scripted_feature_extractor_trains_like_torchvision():
+    """torchvision's test_jit_forward_backward: an fx feature extractor of a training-mode model, then
+    torch.jit.script (the fx code carries forward's annotations: they must be names TorchScript resolves)."""
+    tv, ours = torchvision_twin(config=CONFIG3)
+    nodes = ["features.denseblock1.denselayer1.conv2", "features.transition1.pool", "features.norm5", "classifier"]
+    x = tiny_input(CONFIG3, batch=2)
+
+    def step(model):
+        extractor = create_feature_extractor(model, return_nodes=nodes)
+        xs = x.clone().requires_grad_(True)
+        out = torch.jit.script(extractor)(xs)  # the scripted module shares the extractor's parameters
+        sum(v.pow(2).mean() for v in out.values()).backward()
+        grads = {name: p.grad for name, p in extractor.named_parameters()}
+        return [t.detach() for t in out.values()] + [xs.grad], grads
+
+    (values, grads), (values_tv, grads_tv) = step(ours), step(tv)
+    assert_same_tensors(values, values_tv, "scripted extractor: features, input grad")
+    assert_same_tensors(grads, grads_tv, "scripted extractor: parameter grads")
