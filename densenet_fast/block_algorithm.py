@@ -142,13 +142,14 @@ _decode = functools.lru_cache(maxsize=256)(_decode_uncached)
 def _layout(spec: StageSpec) -> Layout:
     channels = spec.channels
     stats_width = channels + sum(spec.bottlenecks)
-    readers = [j for j in range(len(spec.eps)) if (j % 2 == 0 or j == 2 * spec.num_layers) and spec.batch_stats[j]]
+    # Norms 2i (a layer's norm1) and 2L (the transition's) read the buffer; norms 2i+1 a bottleneck.
+    readers = [j for j in range(0, len(spec.eps), 2) if spec.batch_stats[j]]
     channel_eps = spec.eps[readers[0]] if readers else None
     size = 3 * stats_width
     norms, bottleneck_offset = [], channels
     for j, eps in enumerate(spec.eps):
         width = spec.width(j)
-        reads_buffer = j % 2 == 0 or j == 2 * spec.num_layers
+        reads_buffer = j % 2 == 0
         stats = 0 if reads_buffer else bottleneck_offset
         if not reads_buffer:
             bottleneck_offset += width
@@ -209,22 +210,29 @@ def update_running_stats(running: Sequence[tuple[Tensor, Tensor, Optional[Tensor
     counted = [nbt for _, _, nbt in running if nbt is not None]
     if counted:
         torch._foreach_add_(counted, 1)
-    fixed = [i for i, (m, r) in enumerate(zip(momenta, running)) if m is not None or r[2] is None]
-    cumulative = sorted(set(range(len(running))) - set(fixed))
-    for group, weights in ((fixed, [0.0 if momenta[i] is None else float(momenta[i]) for i in fixed]),
-                           (cumulative, _cumulative_factors([running[i] for i in cumulative]))):
-        if not group:
-            continue
-        targets = [t for i in group for t in running[i][:2]]
-        sources = [s.to(t.dtype) if s.dtype != t.dtype else s
-                   for i in group for s, t in zip(batch[i], running[i][:2])]
-        torch._foreach_lerp_(targets, sources, [w for w in weights for _ in range(2)])
+    groups: dict[float, list[int]] = {}  # per momentum: one lerp (torch 2.11 has no ScalarList lerp)
+    cumulative = []
+    for i, (momentum, (_, _, nbt)) in enumerate(zip(momenta, running)):
+        if momentum is None and nbt is not None:
+            cumulative.append(i)
+        else:
+            groups.setdefault(0.0 if momentum is None else float(momentum), []).append(i)
+    for weight, group in groups.items():
+        torch._foreach_lerp_(*_lerp_lists(running, batch, group), weight)
+    if cumulative:
+        factors = _cumulative_factors([running[i] for i in cumulative])
+        torch._foreach_lerp_(*_lerp_lists(running, batch, cumulative), [f for f in factors for _ in range(2)])
+
+
+def _lerp_lists(running, batch, group) -> tuple[list[Tensor], list[Tensor]]:
+    """(running means and vars, batch means and unbiased vars in their dtypes) of the BNs in ``group``."""
+    targets = [t for i in group for t in running[i][:2]]
+    sources = [s if s.dtype == t.dtype else s.to(t.dtype) for i in group for s, t in zip(batch[i], running[i][:2])]
+    return targets, sources
 
 
 def _cumulative_factors(running: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
     """1 / num_batches_tracked of each BN, as 0-dim tensors of its running stats' dtype."""
-    if not running:
-        return []
     dtype = running[0][0].dtype
     factors = torch.stack([nbt for _, _, nbt in running]).to(dtype).reciprocal_()
     return [f if r[0].dtype == dtype else f.to(r[0].dtype) for f, r in zip(factors.unbind(), running)]
