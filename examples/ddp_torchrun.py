@@ -48,7 +48,7 @@ def main(argv=None):
     if args.model == "densenet_bc":
         model = densenet_fast.densenet_bc(args.depth, args.growth_rate, num_classes=10)
     else:
-        model = densenet_fast.__dict__[args.model](num_classes=10)
+        model = getattr(densenet_fast, args.model)(num_classes=10)
     model = densenet_fast.convert_sync_batchnorm(model).to(device)
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
 

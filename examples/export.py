@@ -44,7 +44,7 @@ def main(argv=None):
     if args.model == "densenet_bc":
         model = densenet_fast.densenet_bc(args.depth, args.growth_rate, num_classes=10)
     else:
-        model = densenet_fast.__dict__[args.model](num_classes=10)
+        model = getattr(densenet_fast, args.model)(num_classes=10)
     data = torchvision.datasets.FakeData(args.steps * args.batch_size, (3, args.img_size, args.img_size), 10,
                                          torchvision.transforms.ToTensor())
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, drop_last=True)

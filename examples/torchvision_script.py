@@ -52,7 +52,7 @@ def main(argv=None):
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size)
 
     # model = torchvision.models.__dict__[args.model](num_classes=num_classes)   # before
-    model = densenet_fast.__dict__[args.model](num_classes=num_classes)          # after: the only change
+    model = getattr(densenet_fast, args.model)(num_classes=num_classes)          # after: the only change
     model = model.to(args.device)
 
     criterion = nn.CrossEntropyLoss()
