@@ -36,7 +36,7 @@ def test_standard_model_matches_and_stays_fused(config):
 
 
 def test_torch_compile_keeps_the_fused_op():
-    """~15 s: compiles (aot_eager: dynamo and AOTAutograd trace it as torch.compile's backends do, without
+    """~5 s: compiles (aot_eager: dynamo and AOTAutograd trace it as torch.compile's backends do, without
     Inductor's C++ compile time)."""
     tv, ours = torchvision_twin()
     ours.compile(backend="aot_eager", fullgraph=True)  # in place: parameter names stay torchvision's

@@ -2,7 +2,6 @@
 feature extraction (node names equal torchvision's), torch.export (+ save/load), ONNX (classic and dynamo, where
 onnx, onnxscript and onnxruntime are installed). Outputs equal torchvision's with the same weights, float64."""
 import importlib.util
-import io
 
 import pytest
 import torch
@@ -89,7 +88,7 @@ def _missing(*modules):
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["classic", "dynamo"])
-def test_onnx_export(dynamo):
+def test_onnx_export(dynamo, tmp_path):
     needed = ["onnx", "onnxruntime"] + (["onnxscript"] if dynamo else [])
     if _missing(*needed):
         pytest.skip(f"ONNX export needs {needed}; not installed: {_missing(*needed)}")
@@ -98,9 +97,9 @@ def test_onnx_export(dynamo):
     # float32: what ONNX Runtime's CPU kernels cover for every op of the model.
     tv, ours = _eval_pair(torch.float32)
     x = _inputs()[0].float()
-    buffer = io.BytesIO()
-    torch.onnx.export(ours, (x,), buffer, dynamo=dynamo, input_names=["x"], output_names=["logits"])
-    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    path = str(tmp_path / "ours.onnx")
+    torch.onnx.export(ours, (x,), path, dynamo=dynamo, input_names=["x"], output_names=["logits"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         (logits,) = session.run(None, {"x": x.numpy()})
         assert_same_tensors([torch.from_numpy(logits)], [tv(x)], f"ONNX ({'dynamo' if dynamo else 'classic'})",

@@ -307,6 +307,6 @@ def _sync_check(rank):
 
 
 def test_torch_sync_batchnorm_synchronizes_blocks_across_processes(tmp_path):
-    """~10 s: two gloo processes (torch.nn.SyncBatchNorm itself refuses CPU tensors, so the reference is its
-    definition: BN over the concatenated batch)."""
+    """~15 s: two gloo processes. torch.nn.SyncBatchNorm itself refuses CPU tensors, so the reference is its
+    definition: BN over the concatenated batch."""
     mp.spawn(run_in_process_group, args=(2, str(tmp_path / "init"), _sync_check), nprocs=2, join=True)
