@@ -6,6 +6,7 @@ The other Triton tests run the kernels in the CPU interpreter, which accepts pro
 compiler rejects; this one needs no GPU either (benchmarks/triton_aot.py compiles without
 launching). On a CUDA machine the other tests compile and run the kernels themselves.
 """
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_benchmark_kernels_keep_their_registers_and_matrix_units():
                              "--max-spill", "1024", "--check-sass"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     assert "variants spill registers" in result.stdout
-    assert "SASS rules: 2 checked, 0 variant(s) break one" in result.stdout
+    assert re.search(r"SASS rules: [12] checked, 0 variant\(s\) break one", result.stdout)  # 1 under Triton 3.6
 
 
 def test_sass_facts_find_the_hot_loop():

@@ -81,8 +81,10 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
         s_xn, s_xc, s_xw = strides_nchw(x)
         s_xh = 0
         align = row_align(x)
-    block_p, block_co = PIXEL_BLOCK, pow2_block(c_out, 16, 32 if small_map(ho * wo) else 128)
     precision = dot_precision(x.dtype)
+    # (FMA dots keep their tile: split further they spilled, and they have work enough per tile.)
+    block_p = PIXEL_BLOCK
+    block_co = pow2_block(c_out, 16, 32 if small_map(ho * wo) and precision != "ieee" else 128)
     rows, n_co_tiles = triton.cdiv(m, block_p), triton.cdiv(c_out, block_co)
     partials = new_stats_partials(c_out if with_stats else 0, rows, x.device)
     launch(_conv1x1_fwd_kernel)[(rows * n_co_tiles,)](

@@ -123,6 +123,12 @@ def _conv1x1_bwd_weight_kernel(
              mask=ci_ok[:, None] & co_ok[None, :])
 
 
+def _weight_grad_warps(precision: str, block_ci: int, block_co: int, pool: bool) -> int:
+    if pool or (precision != "ieee" and block_co < 128):
+        return 8
+    return gemm_warps(precision, block_ci * block_co)
+
+
 def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
                      grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
                      pool: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,7 +184,9 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
             G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
             # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
-            num_warps=8 if pool else gemm_warps(precision, block_co * block_ci), num_stages=3)
+            # Tensor-core tiles narrower than 128 output channels take 8 warps too: at 4, ptxas
+            # serialized the pipelined wgmma of a 64 x 64 tile (C7515).
+            num_warps=_weight_grad_warps(precision, block_ci, block_co, pool), num_stages=3)
         sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype)
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials)

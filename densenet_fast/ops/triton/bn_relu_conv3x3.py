@@ -82,8 +82,9 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
     m = n * h * w
     z = collapsible(z)
     target = out if collapsible(out) is out else out.contiguous()
-    block_p, block_co = PIXEL_BLOCK, pow2_block(c_out, 16, 16 if small_map(h * w) else 64)
     precision = dot_precision(z.dtype)
+    block_p = PIXEL_BLOCK
+    block_co = pow2_block(c_out, 16, 16 if small_map(h * w) and precision != "ieee" else 64)
     rows, n_co_tiles = triton.cdiv(m, block_p), triton.cdiv(c_out, block_co)
     partials = new_stats_partials(c_out if with_stats else 0, rows, z.device)
     if noise is not None:
@@ -97,8 +98,8 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
         HAS_NOISE=noise is not None, WITH_STATS=with_stats, PRECISION=precision,
         OUT_ALIGN=min(row_align(target), block_p), BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32,
         # Two accumulators (the tap's and the total): FMA dots (float32 without TF32) get 8 warps
-        # from 64 x 32 tiles up (at 4, Triton 3.6 spilled).
-        num_warps=gemm_warps(precision, 2 * block_p * block_co), num_stages=3)
+        # (at 4 they spilled, 64 x 16 tiles included).
+        num_warps=8 if precision == "ieee" else gemm_warps(precision, block_p * block_co), num_stages=3)
     if target is not out:
         out.copy_(target)
     if not with_stats:
