@@ -144,13 +144,26 @@ def _check_torch_sync_batchnorm_inside_a_stage(rank):
         torch.testing.assert_close(b, c, msg=name)
 
 
+def _check_double_backward_through_sync_refuses(rank):
+    """torch.nn.SyncBatchNorm's backward is not differentiable (batch_norm_backward_reduce has no
+    derivative); ours says so in one error instead of returning gradients of local statistics."""
+    model, _ = _models()
+    densenet_fast.convert_sync_batchnorm(model)
+    _, shards = _data()
+    x = shards[rank].clone().requires_grad_(True)
+    out = model(x)
+    with pytest.raises(NotImplementedError, match="double backward through .* synchronized BatchNorm"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm needs CUDA (runs in gpu_check)")
 def test_sync_batchnorm_matches_torch_sync_batchnorm_on_cuda(tmp_path):
     mp.spawn(_run, args=(2, str(tmp_path / "init"), _check_against_torch_sync_batchnorm), nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm, _check_torch_sync_batchnorm_inside_a_stage],
-                         ids=["ddp", "sync_batchnorm", "torch_sync_batchnorm_in_a_stage"])
+@pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm, _check_torch_sync_batchnorm_inside_a_stage,
+                                   _check_double_backward_through_sync_refuses],
+                         ids=["ddp", "sync_batchnorm", "torch_sync_batchnorm_in_a_stage", "sync_double_backward"])
 def test_two_processes_on_gloo(check, tmp_path):
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this build")
