@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -195,15 +196,73 @@ def _(grad_out, buf, packed, masks, bottlenecks, params, weights, ints, floats, 
     return grad_x, [torch.empty_like(p) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
 
 
+class _InputAsBufferPrefix:
+    """Saved-tensor hooks for one stage node: its input is kept as the first channels of its buffer.
+
+    The node saves its input x for a double backward (stage_autograd.py), which differentiates
+    through it. Saved as is, autograd would keep x's own storage alive (one block input per
+    stage, 6 MiB of DenseNet-121's peak at batch 8, 224x224), although the kept buffer already
+    holds x's values in its first channels. So the pack hook stores a reference to those, and
+    autograd's unpack makes of them a tensor in x's place in the graph. Every saved tensor is
+    checked on unpack for in-place changes, as autograd checks the tensors it saves itself.
+    Used only where no other saved-tensor hooks are active (checkpointing, save_on_cpu keep theirs).
+    """
+
+    _current = threading.local()  # the hooks of the op call in progress, for _setup_context
+
+    def __init__(self, x: Tensor):
+        self.x, self.kept, self.channels = x, None, 0
+
+    @classmethod
+    def usable(cls) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        return top is not None and top(False) is None and torch._C._autograd._saved_tensors_hooks_is_enabled()
+
+    @classmethod
+    def note_kept(cls, x: Tensor, kept: Tensor, channels: int) -> None:
+        hooks = getattr(cls._current, "hooks", None)
+        if hooks is not None and hooks.x is x and kept is not x:
+            hooks.kept, hooks.channels = kept, channels
+
+    # Packed: (tensor, its version at save time[, how many of its first channels are the saved
+    # tensor]). Detached where it has a grad_fn: a saved output must not hold its own node.
+    def pack(self, t: Tensor) -> tuple:
+        if t is self.x and self.kept is not None:
+            return self.kept.detach(), self.kept._version, self.channels
+        return (t if t.grad_fn is None else t.detach()), t._version
+
+    @staticmethod
+    def unpack(packed: tuple) -> Tensor:
+        t, version = packed[0], packed[1]
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a {tuple(t.shape)} tensor saved by a densenet_fast stage is at version "
+                f"{t._version}; expected version {version} instead.")
+        return t if len(packed) == 2 else t[:, :packed[2]]
+
+    def __enter__(self):
+        self._current.hooks = self
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+
+    def __exit__(self, *exc):
+        self._current.hooks = None
+        self._hooks.__exit__(*exc)
+        self.x = self.kept = None  # the packed objects hold what backward needs
+
+
 def _setup_context(ctx, inputs, output):
     x, params, running, ints, floats, for_backward, backend, name = inputs
     out, buf, packed, masks, bottlenecks, weights = output
     spec = algo.decode(ints, floats)
     kept = x if spec.num_layers == 0 else (buf if spec.has_transition else out)
-    # x itself, for a double backward (stage_autograd.py), which must differentiate through it. Its
-    # values are also the buffer's first channels, but autograd keeps the saved input's storage:
-    # one block input per stage (6 MiB of DenseNet-121's 166 at batch 8, 224x224); a known cost.
-    # Compiled graphs do not double-backward: they keep no x (a placeholder says so).
+    # x itself, for a double backward (stage_autograd.py), which must differentiate through it:
+    # kept as the buffer's first channels where dense_stage's hooks are active. Compiled graphs
+    # do not double-backward: they keep no x (a placeholder says so).
+    _InputAsBufferPrefix.note_kept(x, kept, spec.in_channels)
     x_saved = x.new_empty(0) if torch.compiler.is_compiling() and kept is not x else x
     ctx.save_for_backward(kept, packed, *masks, *bottlenecks, *params, *weights, x_saved)
     ctx.mark_non_differentiable(buf, packed, *masks, *bottlenecks, *weights)
@@ -332,7 +391,9 @@ def dense_stage(x: Tensor, stage: Stage) -> Tensor:
     op_params = [placeholder if p is None else p for p in params]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in op_params))
     # The op casts for itself; autocast inside would re-cast every call (and rejects out=).
-    with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage.name, x, "forward"):
+    saves = _InputAsBufferPrefix(x) if needs_grad and stage.layers and _InputAsBufferPrefix.usable() \
+        else contextlib.nullcontext()
+    with torch.autocast(device_type, enabled=False), _out_of_memory_names(stage.name, x, "forward"), saves:
         out, _, packed, *_ = torch.ops.densenet_fast.dense_stage(
             x, op_params, running, ints, floats, needs_grad, backend_name_for(x.device, x.dtype), stage.name)
     _update_running_stats(norms, algo.decode(ints, floats), packed)

@@ -6,7 +6,8 @@ products), the stage's backward instead recomputes the stage from its saved inpu
 torch.cat / batch_norm / relu / conv2d / avg_pool2d, reusing the forward's dropout masks, and
 differentiates that: torchvision's numbers, at torchvision's memory cost, only on that path.
 
-The stage's op saves its input for this (a known cost of one block input per stage).
+The stage's op saves its input for this as the first channels of its kept buffer (block.py), at no
+memory cost.
 """
 from __future__ import annotations
 

@@ -119,3 +119,40 @@ def test_forward_mode_ad_through_parameters():
                    (seeded(weight.shape, 7),))
 
     assert_same_tensors(list(tangent(ours)), list(tangent(tv)), "output, tangent w.r.t. a block weight")
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "checkpoint"])
+def test_double_backward_under_the_users_saved_tensor_hooks(hooks):
+    """The stage packs its saved tensors itself only where no other saved-tensor hooks are active;
+    under the user's (offloading, checkpointing) the penalty still matches torchvision's."""
+    tv, ours = torchvision_twin()
+    x = tiny_input()
+
+    def penalty(model):
+        if hooks == "checkpoint":
+            wrapped = lambda inp: torch.utils.checkpoint.checkpoint(model, inp, use_reentrant=False)  # noqa: E731
+            return _gradient_penalty(wrapped_module(wrapped, model), x, seed=20)
+        with torch.autograd.graph.save_on_cpu():
+            return _gradient_penalty(model, x, seed=20)
+
+    assert_same_tensors(penalty(ours), penalty(tv), f"gradient penalty under {hooks}")
+
+
+class wrapped_module(torch.nn.Module):
+    """A callable with the model's parameters, for _gradient_penalty."""
+
+    def __init__(self, fn, model):
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_an_in_place_change_of_a_saved_parameter_is_refused_like_torchvision():
+    for model in torchvision_twin():
+        out = model(tiny_input().requires_grad_(True)).sum()
+        with torch.no_grad():
+            model.features.denseblock1.denselayer2.conv1.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()

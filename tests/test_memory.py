@@ -1,8 +1,11 @@
 """Memory is deterministic (unlike time): the block algorithm's savings are checked here, loosely.
 The measured ratios against torchvision live in benchmarks/core_benchmark.py."""
+import pytest
 import torch
 
 import densenet_fast
+from densenet_fast.block import dense_stage
+from densenet_fast.models import _DenseBlock, _Transition
 from densenet_fast import reference
 from densenet_fast.bench import activation_peak
 
@@ -25,3 +28,20 @@ def test_peak_grows_about_linearly_with_depth():
     fast_100, naive_100 = _peaks(100)
     # 2.5x the layers: linear growth stays well under the naive network's quadratic growth.
     assert fast_100 / fast_40 < 3.2 < naive_100 / naive_40, (fast_100 / fast_40, naive_100 / naive_40)
+
+
+@pytest.mark.parametrize("transition", [True, False])
+def test_a_stage_keeps_its_input_only_as_its_buffers_first_channels(transition):
+    """The input is saved for a double backward, but its storage is not kept: what the node
+    gives back for it is a view of the kept buffer (or block output), in the input's place in the graph."""
+    torch.manual_seed(0)
+    block = _DenseBlock(2, 4, 2, 3, 0.0).double()
+    stage = block.stage(_Transition(10, 3).double() if transition else None)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True) * 1.5
+    out = dense_stage(x, stage)
+    saved = out.grad_fn.saved_tensors
+    kept, x_saved = saved[0], saved[-1]
+    assert x_saved.untyped_storage().data_ptr() == kept.untyped_storage().data_ptr()
+    assert x_saved.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert torch.equal(x_saved, x) and x_saved.grad_fn is x.grad_fn
