@@ -296,6 +296,38 @@ def test_conv1x1_backward_many_tiles_channels_last():
         assert_close(actual, want, 1e-10, 1e-9)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["conv1x1", "pool"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5)])
+def test_small_maps_grouped_into_multi_image_tiles(threads, kind, layout, hw):
+    """Images smaller than a tile share one GEMM (whole images per tile, a tile per thread, the
+    last one shorter): forward, statistics and backward as over single images."""
+    shape = (5, 19) + hw
+    if kind == "pool" and min(hw) < 2:
+        shape = (5, 19, 2, 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = buffer_slice(shape, torch.float64, layout, seed=80)
+        scale, shift, _ = channel_vectors(shape[1], torch.float64, seed=81)
+        w = weight(6, shape[1], 1, torch.float64, seed=82)
+        expected = ref_layer(kind, ref_bn_relu(x, scale, shift), w)
+        if kind == "pool":
+            out = CppBackend().bn_relu_pool_conv1x1(x, scale, shift, w)
+        else:
+            out, mean, var = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
+            assert_close(mean, expected.mean((0, 2, 3)), 1e-10, 1e-9)
+            assert_close(var, expected.var((0, 2, 3), unbiased=False), 1e-10, 1e-9)
+        assert_close(out, expected, 1e-10, 1e-9)
+        for accumulate in (False, True):
+            result, _, want = run_backward("fused", kind, torch.float64, layout, shape, accumulate, True, seed=83)
+            for actual, ref in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), want):
+                assert_close(actual, ref, 1e-10, 1e-9)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_composite_chunks_are_few_and_exact(monkeypatch):
     """The composite path (what CUDA runs) recomputes a prefix in about four chunks of images,
     not one per 2M elements, and chunking does not change the results."""
