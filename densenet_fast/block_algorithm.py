@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, memory_format, stats_dtype
+from .ops.interface import Backend, StatsOut, memory_format, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -303,6 +303,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     packed = (torch.empty if every_stat or not any_batch else torch.zeros)(lay.size, dtype=sdt, device=x.device)
     width = lay.stats_width
     mean, var, invstd = packed[:width], packed[width:2 * width], packed[2 * width:3 * width]
+    rows = packed[:3 * width].view(3, width)  # the mean, var and invstd rows, one column per channel
     eval_running = iter(zip(running[0::2], running[1::2]))
 
     def next_running(j):
@@ -322,20 +323,35 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     if need_stats:
         write_channels(0, backend.channel_stats(x))
 
+    def stats_into(j: Optional[int], lo: int, count: int, weight=None, bias=None) -> Optional[StatsOut]:
+        """Where an op writes the statistics of channels [lo, lo + count) of the rows (and, for norm j,
+        that BN's coefficients, from ``weight`` and ``bias``): none with synchronized statistics,
+        which are all-reduced first."""
+        if sync is not None:
+            return None
+        if j is None:
+            return StatsOut(rows[:, lo:lo + count], lay.channel_eps)
+        s = lay.norms[j]  # a bottleneck's BN: its invstd is the rows' third, its shift follows its scale
+        return StatsOut(rows[:, lo:lo + count], spec.eps[j], packed[s.scale:s.scale + 2 * count].view(2, count),
+                        weight, bias)
+
     masks, bottlenecks, z_slots, z_stats = [], [], [], []
     for i in range(num_layers):
         c = c0 + i * k
         w1, b1, conv1, w2, b2, conv2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
         j1, j2 = 2 * i, 2 * i + 1
         bn1 = _normalize(packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c], next_running(j1))
-        batch2 = spec.batch_stats[j2]
-        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2)
-        if batch2:
-            z_mean, z_var = _stats((z_mean, z_var), sync)
-            slots = lay.norms[j2]
-            z_slots += [mean[slots.stats:slots.stats + slots.width], var[slots.stats:slots.stats + slots.width]]
-            z_stats += [z_mean, z_var]
-        bn2 = _normalize(packed, lay.norms[j2], spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
+        batch2, slots2 = spec.batch_stats[j2], lay.norms[j2]
+        into2 = stats_into(j2, slots2.stats, slots2.width, w2, b2) if batch2 else None
+        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2, into2)
+        if into2 is not None:
+            bn2 = coefs_of(packed, slots2)  # written by the op
+        else:
+            if batch2:
+                z_mean, z_var = _stats((z_mean, z_var), sync)
+                z_slots += [mean[slots2.stats:slots2.stats + slots2.width], var[slots2.stats:slots2.stats + slots2.width]]
+                z_stats += [z_mean, z_var]
+            bn2 = _normalize(packed, slots2, spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
         noise = None
         p = spec.drop_rates[i]
         if p > 0:
@@ -345,8 +361,9 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
                 noise.div_(1 - p)
             else:
                 noise.zero_()
-        new_stats = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2, buf[:, c:c + k], noise, need_stats)
-        if need_stats:
+        into3 = stats_into(None, c, k) if need_stats else None
+        new_stats = backend.bn_relu_conv3x3(z, bn2.scale, bn2.shift, conv2, buf[:, c:c + k], noise, need_stats, into3)
+        if need_stats and into3 is None:
             write_channels(c, new_stats)
         if for_backward:
             if noise is not None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import load_extension
-from .interface import Backend, ConvGrads, stats_dtype
+from .interface import Backend, ConvGrads, stats_dtype, stats_result
 
 # Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
 # this reason) when the library is not built, or was built for another torch: then it is not even
@@ -250,17 +250,19 @@ class CppBackend(Backend):
         mean, var = _ops.channel_stats(_walkable(x) if x.dim() == 4 else x)
         return mean, var
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats):
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
         if not self._fused(x):
-            return self.composite.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
-        z, mean, var = _ops.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
-        return (z, mean, var) if with_stats else (z, None, None)
+            z, mean, var = self.composite.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
+        else:
+            z, mean, var = _ops.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
+        return (z, *stats_result(mean, var, stats_into)) if with_stats else (z, None, None)
 
-    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
+    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
         if not self._fused(z):
-            return self.composite.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
-        mean, var = _ops.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
-        return (mean, var) if with_stats else (None, None)
+            mean, var = self.composite.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
+        else:
+            mean, var = _ops.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
+        return stats_result(mean, var, stats_into) if with_stats else (None, None)
 
     @staticmethod
     def _grads(result, grad_x: Optional[Tensor], need_weight_grad: bool) -> ConvGrads:

@@ -39,6 +39,52 @@ class ConvGrads(NamedTuple):
     sum_dy_xc: Tensor  # sum(dy * (x - center)) per input channel
 
 
+class StatsOut(NamedTuple):
+    """Where an op that produces a tensor writes its batch statistics and what follows from them.
+
+    ``stats`` is a (3, C) view whose rows receive the mean, the biased variance and
+    ``invstd = rsqrt(var + eps)`` of each produced channel; ``coefs``, when given, a (2, C) view
+    whose rows receive the coefficients of the BN that reads those channels, ``scale = weight *
+    invstd`` and ``shift = bias - mean * scale`` (``weight``/``bias`` None: 1 and 0). In the
+    statistics dtype; rows may lie apart but each is contiguous (the stage's packed numbers). A
+    backend that finishes its statistics on the device writes them all in the same launch; the
+    others call :func:`write_stats`.
+    """
+
+    stats: Tensor
+    eps: float
+    coefs: Optional[Tensor] = None
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+
+
+def write_stats(into: StatsOut, mean: Tensor, var: Tensor) -> None:
+    """Writes ``into`` from the batch statistics ``mean`` and biased ``var``, in PyTorch ops."""
+    out_mean, out_var, invstd = into.stats.unbind()
+    torch._foreach_copy_([out_mean, out_var], [mean, var])
+    torch.add(out_var, into.eps, out=invstd)
+    invstd.rsqrt_()
+    if into.coefs is None:
+        return
+    scale, shift = into.coefs.unbind()
+    if into.weight is None:
+        scale.copy_(invstd)
+    else:
+        torch.mul(into.weight, invstd, out=scale)
+    if into.bias is None:
+        torch.mul(out_mean, scale, out=shift).neg_()
+    else:
+        torch.addcmul(into.bias, out_mean, scale, value=-1, out=shift)
+
+
+def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut]):
+    """An op's returned statistics: ``(mean, var)``, or ``(None, None)`` once written into ``stats_into``."""
+    if stats_into is None:
+        return mean, var
+    write_stats(stats_into, mean, var)
+    return None, None
+
+
 class Backend(ABC):
     """Base class of the backends. Subclasses implement every method below."""
 
@@ -54,12 +100,14 @@ class Backend(ABC):
 
     @abstractmethod
     def bn_relu_conv1x1(
-        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool
+        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool,
+        stats_into: Optional[StatsOut] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """``conv1x1(relu(x * scale + shift), weight)``: the bottleneck, a new contiguous tensor.
 
         With ``with_stats`` also returns the bottleneck's per-channel mean and biased variance,
-        else ``(z, None, None)``.
+        else ``(z, None, None)``; with ``stats_into`` (and ``with_stats``) writes them there
+        instead (see :class:`StatsOut`) and returns ``(z, None, None)``.
         """
 
     @abstractmethod
@@ -72,11 +120,13 @@ class Backend(ABC):
         out: Tensor,
         noise: Optional[Tensor],
         with_stats: bool,
+        stats_into: Optional[StatsOut] = None,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Write ``conv3x3(relu(z * scale + shift), weight, padding=1) * noise`` into ``out``.
 
         ``out`` is the layer's channel slice of the feature buffer; ``noise`` is dropout's scaled
-        mask (or None). With ``with_stats`` returns the written channels' mean and biased variance.
+        mask (or None). With ``with_stats`` returns the written channels' mean and biased variance,
+        or with ``stats_into`` writes them there (see :class:`StatsOut`) and returns ``(None, None)``.
         """
 
     @abstractmethod

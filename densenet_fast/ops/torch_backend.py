@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, memory_format, stats_dtype
+from .interface import Backend, ConvGrads, memory_format, stats_dtype, stats_result
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -111,17 +111,16 @@ class TorchBackend(Backend):
         # Two-pass per-channel mean and biased variance, without touching any running stats.
         return torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0)
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats):
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
         z = torch.empty((x.shape[0], weight.shape[0]) + x.shape[2:], dtype=x.dtype, device=x.device)
         affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
             _conv1x1(affine.relu(x[s]), weight, z[s])
         if not with_stats:
             return z, None, None
-        mean, var = self.channel_stats(z)
-        return z, mean, var
+        return (z, *stats_result(*self.channel_stats(z), stats_into))
 
-    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
+    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
         affine = _Affine(scale, shift, z.dtype)
         parts = [F.conv2d(affine.relu(z[s]), weight, padding=1) for s in _chunks(z)]
         if not parts:  # an empty batch
@@ -132,7 +131,7 @@ class TorchBackend(Backend):
             f.mul_(noise)
         out.copy_(f)
         # Statistics of the new channels while they are contiguous, before they sit in the buffer.
-        return self.channel_stats(f) if with_stats else (None, None)
+        return stats_result(*self.channel_stats(f), stats_into) if with_stats else (None, None)
 
     def _prologue_backward(self, x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of):
         """Shared by the 1x1 convs: ``dy_of(grad_out_chunk, y, grad_w)`` gives the chunk's BN-output grad."""

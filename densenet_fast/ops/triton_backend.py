@@ -7,10 +7,12 @@ interpreter (``TRITON_INTERPRET=1`` set before this module was imported; that is
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from .interface import Backend, ConvGrads
+from .interface import Backend, ConvGrads, StatsOut
 
 try:
     from .triton import (SUPPORTED_DTYPES, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
@@ -28,6 +30,14 @@ _INTERPRETED = not isinstance(_conv1x1_fwd_kernel, JITFunction)
 def _vec(t: Tensor) -> Tensor:
     """Per-channel vectors are read with unit stride by the kernels."""
     return t.contiguous()
+
+
+def _into(stats_into: Optional[StatsOut]) -> tuple:
+    """The ops' trailing arguments for a StatsOut: the statistics are finished, and the BN
+    coefficients computed, in the launch that finishes the op's partials."""
+    if stats_into is None:
+        return ()
+    return stats_into.stats, stats_into.coefs, stats_into.weight, stats_into.bias, stats_into.eps
 
 
 class TritonBackend(Backend):
@@ -57,13 +67,13 @@ class TritonBackend(Backend):
     def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return channel_stats(x)
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats):
-        z, mean, var = bn_relu_conv1x1(x, _vec(scale), _vec(shift), weight, with_stats)
-        return (z, mean, var) if with_stats else (z, None, None)
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
+        z, mean, var = bn_relu_conv1x1(x, _vec(scale), _vec(shift), weight, with_stats, *_into(stats_into))
+        return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
 
-    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats):
-        mean, var = bn_relu_conv3x3(z, _vec(scale), _vec(shift), weight, out, noise, with_stats)
-        return (mean, var) if with_stats else (None, None)
+    def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
+        mean, var = bn_relu_conv3x3(z, _vec(scale), _vec(shift), weight, out, noise, with_stats, *_into(stats_into))
+        return (mean, var) if with_stats and stats_into is None else (None, None)
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
         return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,

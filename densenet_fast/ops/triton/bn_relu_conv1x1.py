@@ -13,6 +13,8 @@ transition's file, ``bn_relu_pool_conv1x1.py``, launches it that way).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -66,8 +68,9 @@ def _conv1x1_fwd_kernel(
 
 
 def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, pool: bool,
-                    with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Launches the kernel; returns (out, mean, var), the statistics empty without ``with_stats``."""
+                    with_stats: bool, into: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launches the kernel; returns (out, mean, var), the statistics empty without ``with_stats``
+    or when written ``into`` (``partials.finalize_stats``'s arguments)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     ho, wo = (h // 2, w // 2) if pool else (h, w)
@@ -98,15 +101,23 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
     if not with_stats:
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
         return out, empty, empty.clone()
+    if into is not None:
+        finalize_stats(partials, m, block_p, *into)
+        empty = torch.empty(0, dtype=torch.float32, device=x.device)
+        return out, empty, empty.clone()
     mean, var = finalize_stats(partials, m, block_p)
     return out, mean, var
 
 
-@torch.library.triton_op("densenet_fast_triton::bn_relu_conv1x1", mutates_args=())
-def bn_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                    with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(z, mean, var): the bottleneck and, with ``with_stats``, its float32 batch statistics (else empty)."""
-    return conv1x1_forward(x, scale, shift, weight, False, with_stats)
+@torch.library.triton_op("densenet_fast_triton::bn_relu_conv1x1", mutates_args={"stats_into", "coefs_into"})
+def bn_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool,
+                    stats_into: Optional[Tensor] = None, coefs_into: Optional[Tensor] = None,
+                    bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                    eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, var): the bottleneck and, with ``with_stats``, its float32 batch statistics (else
+    empty). With ``stats_into`` they go there instead, with what follows (``finalize_stats``)."""
+    into = None if stats_into is None else (stats_into, coefs_into, bn_weight, bn_bias, eps)
+    return conv1x1_forward(x, scale, shift, weight, False, with_stats, into)
 
 
 def bn_relu_conv1x1_ref(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,

@@ -73,10 +73,13 @@ def _conv3x3_fwd_kernel(
         store_tile_partials(p_ptr, C_out, tl.cdiv(M, BLOCK_P), pid_m, offs_co, co_ok, mean, m2)
 
 
-@torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3", mutates_args={"out"})
+@torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3", mutates_args={"out", "stats_into", "coefs_into"})
 def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
-                    noise: Optional[Tensor], with_stats: bool) -> tuple[Tensor, Tensor]:
-    """Writes the new channels into ``out``; returns their float32 (mean, var), empty without ``with_stats``."""
+                    noise: Optional[Tensor], with_stats: bool, stats_into: Optional[Tensor] = None,
+                    coefs_into: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
+                    bn_bias: Optional[Tensor] = None, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Writes the new channels into ``out``; returns their float32 (mean, var), empty without
+    ``with_stats`` or when written into ``stats_into`` with what follows (``finalize_stats``)."""
     n, c_in, h, w = z.shape
     c_out = weight.shape[0]
     m = n * h * w
@@ -102,7 +105,9 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
         num_warps=8 if precision == "ieee" else gemm_warps(precision, block_p * block_co), num_stages=3)
     if target is not out:
         out.copy_(target)
-    if not with_stats:
+    if not with_stats or stats_into is not None:
+        if with_stats:
+            finalize_stats(partials, m, block_p, stats_into, coefs_into, bn_weight, bn_bias, eps)
         empty = torch.empty(0, dtype=torch.float32, device=z.device)
         return empty, empty.clone()
     return finalize_stats(partials, m, block_p)

@@ -4,7 +4,9 @@ Statistics. A kernel that produces a tensor whose batch statistics are needed wr
 TILE_P rows (pixels of the batch, see common.py) and channel, the tile's mean and its sum of squared
 deviations from that mean, channel-major: ``partials[0, c, r]`` and ``partials[1, c, r]``.
 ``finalize_stats`` combines them with Chan's parallel formula, so no sum of squares of raw values is
-ever formed and large means do not cancel the variance away. Channel-major rows make each channel's
+ever formed and large means do not cancel the variance away. Given where to put them, it writes the
+statistics straight into the stage's packed numbers, with the invstd and the BN coefficients they
+give (the op interface's ``StatsOut``): one launch where the bookkeeping took four to seven. Channel-major rows make each channel's
 partials contiguous: one program per few channels reads them coalesced, every channel in parallel.
 
 Sums. Partial sums (the backward's per-tile sum(dy), sum(dy * xc); the weight-gradient GEMMs'
@@ -48,7 +50,9 @@ def _tile_means(p_ptr, t0, R, M, offs_c, c_ok, TILE_P: tl.constexpr, BLOCK_T: tl
 
 
 @triton.jit(do_not_specialize=["M"])
-def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, C, R, M,
+def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr, w_ptr, b_ptr, eps, C, R, M,
+                           DERIVED: tl.constexpr, AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr,
                            TILE_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -67,21 +71,52 @@ def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, C, R, M,
         q = tl.load(p_ptr + C * R + idx, mask=ok, other=0.0)
         d = m - mean[:, None]
         m2 += axis_sum(tl.where(ok, q + count * d * d, 0.0), 1)
+    var = m2 / total
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, m2 / total, mask=c_ok)
+    tl.store(var_ptr + offs_c, var, mask=c_ok)
+    if DERIVED:
+        invstd = 1.0 / tl.sqrt_rn(var + eps)  # not the approximate rsqrt.approx
+        tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
+        if AFFINE:
+            scale = invstd
+            if HAS_WEIGHT:
+                scale = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
+            shift = -mean * scale
+            if HAS_BIAS:
+                shift = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+            tl.store(scale_ptr + offs_c, scale, mask=c_ok)
+            tl.store(shift_ptr + offs_c, shift, mask=c_ok)
 
 
-def finalize_stats(partials: Tensor, m: int, tile_p: int) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (float32) over ``m`` rows from (2, C, R) partials of ``tile_p``-row tiles."""
+def finalize_stats(partials: Tensor, m: int, tile_p: int, stats_into: Optional[Tensor] = None,
+                   coefs_into: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (float32) over ``m`` rows from (2, C, R) partials of ``tile_p``-row tiles.
+
+    With ``stats_into`` (the op interface's ``StatsOut``: a float32 (3, C) view of contiguous rows)
+    they are written there with invstd = rsqrt(var + eps) as the third row, and with
+    ``coefs_into`` ((2, C)) the BN coefficients scale = weight * invstd, shift = bias - mean *
+    scale; the returned mean and var are then views of ``stats_into``.
+    """
     _, channels, rows = partials.shape
-    mean = torch.empty(channels, dtype=torch.float32, device=partials.device)
-    var = torch.empty_like(mean)
+    if stats_into is None:
+        mean = torch.empty(channels, dtype=torch.float32, device=partials.device)
+        var = invstd = torch.empty_like(mean)
+    else:
+        mean, var, invstd = stats_into.unbind()
+    scale, shift = (mean, mean) if coefs_into is None else coefs_into.unbind()
+    if any(t.stride(0) != 1 and channels > 1 for t in (mean, var, invstd, scale, shift)):
+        raise ValueError("finalize_stats writes rows of contiguous per-channel entries")
     # A program reduces BLOCK_C channels' rows BLOCK_T at a time: up to 2048 values per step, and
     # one channel per program when there are few rows per channel and many channels (or the reverse).
     block_t = 1024 if rows > 256 else (256 if rows > 64 else 64)
     block_c = max(1, min(16, 2048 // block_t, triton.next_power_of_2(max(1, channels // 128))))
     launch(_stats_finalize_kernel)[(triton.cdiv(channels, block_c),)](
-        partials, mean, var, channels, rows, m, TILE_P=tile_p, BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+        partials, mean, var, invstd, scale, shift,
+        weight if weight is not None else mean, bias if bias is not None else mean, float(eps),
+        channels, rows, m, DERIVED=stats_into is not None, AFFINE=coefs_into is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        TILE_P=tile_p, BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
     return mean, var
 
 
