@@ -18,6 +18,9 @@ step, gradients dropped before it) is profiled with ``torch.profiler`` (CPU acti
   ``slice``, ``as_strided``, ``t``, ``detach``, a ``to`` or ``contiguous`` that changes nothing, ...),
   metadata changes (``as_strided_``, ``resize_``, ``set_``, ...), allocations (``empty*``) and
   ``_local_scalar_dense`` (``.item()``: a host sync, reported on its own);
+* a ``_foreach_*`` op as CUDA's fast path launches it, one kernel per 30 tensors (the fewest any
+  of its multi-tensor kernels takes: 110 for one tensor list down to 30 for five), where the CPU
+  runs it as one op per tensor;
 * nothing that runs inside a Triton launch (the interpreter's own copies to and from the host).
 
 On CUDA a counted op is one kernel, or a few (cuDNN convolutions, cuBLAS GEMMs); on CPU some ops
@@ -50,6 +53,8 @@ _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_
 _METADATA = {"as_strided_", "resize_", "resize_as_", "set_", "detach_", "squeeze_", "unsqueeze_", "t_",
              "transpose_", "swapdims_", "_unsafe_view"}
 _HOST_SYNCS = {"_local_scalar_dense"}
+_FOREACH_PREFIX = "aten::_foreach_"
+_FOREACH_TENSORS_PER_LAUNCH = 30
 
 
 @dataclass
@@ -74,7 +79,8 @@ def _is_view(qualified: str) -> bool:
     if packet is None:
         return False
     returns = [r for overload in packet.overloads() for r in getattr(packet, overload)._schema.returns
-               if isinstance(r.type, torch.TensorType)]
+               if isinstance(r.type, torch.TensorType)
+               or (isinstance(r.type, torch.ListType) and isinstance(r.type.getElementType(), torch.TensorType))]
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
@@ -94,6 +100,13 @@ def _count_events(events) -> LaunchCount:
                 count.triton[name[len(_TRITON_PREFIX):]] += 1
             for child in event.cpu_children:
                 visit(child, True)
+            return True
+        if name.startswith(_FOREACH_PREFIX) and not in_launch:
+            outer, count.ops = count.ops, Counter()
+            for child in event.cpu_children:
+                visit(child, in_launch)
+            per_tensor, count.ops = sum(count.ops.values()), outer
+            count.ops[name] += max(1, -(-per_tensor // _FOREACH_TENSORS_PER_LAUNCH))
             return True
         counted_below = False
         for child in event.cpu_children:

@@ -24,7 +24,7 @@ from torch import Tensor
 from .common import (PIXEL_BLOCK, collapsible, dot_precision, gemm_warps, input_rows, launch, pixel_rows,
                      pooled_bn_relu, pow2_block, ref_bn_relu, ref_stats, row_align, small_map, strides_nchw,
                      tile_stats)
-from .partials import finalize_stats, new_stats_partials, store_tile_partials
+from .partials import finalize_stats, new_stats_partials, no_stats, store_tile_partials
 
 
 @triton.jit(do_not_specialize=["M", "n_co_tiles"])
@@ -99,12 +99,10 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
         BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=32, num_warps=gemm_warps(precision, block_p * block_co),
         num_stages=3)
     if not with_stats:
-        empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return out, empty, empty.clone()
+        return out, *no_stats(x.device)
     if into is not None:
         finalize_stats(partials, m, block_p, *into)
-        empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return out, empty, empty.clone()
+        return out, *no_stats(x.device)
     mean, var = finalize_stats(partials, m, block_p)
     return out, mean, var
 
@@ -125,6 +123,5 @@ def bn_relu_conv1x1_ref(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
     """PyTorch reference of :func:`bn_relu_conv1x1` (float64 math, outputs rounded like the kernel's)."""
     z = F.conv2d(ref_bn_relu(x, scale, shift), weight.double()).to(x.dtype)
     if not with_stats:
-        empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return z, empty, empty.clone()
+        return z, *no_stats(x.device)
     return (z, *ref_stats(z))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, gemm_warps, launch, pixel_rows, pow2_block,
                      ref_bn_relu, ref_stats, row_align, small_map, strides_nchw, tile_stats)
-from .partials import finalize_stats, new_stats_partials, store_tile_partials
+from .partials import finalize_stats, new_stats_partials, no_stats, store_tile_partials
 
 
 @triton.jit(do_not_specialize=["M", "n_co_tiles"])
@@ -108,8 +108,7 @@ def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out
     if not with_stats or stats_into is not None:
         if with_stats:
             finalize_stats(partials, m, block_p, stats_into, coefs_into, bn_weight, bn_bias, eps)
-        empty = torch.empty(0, dtype=torch.float32, device=z.device)
-        return empty, empty.clone()
+        return no_stats(z.device)
     return finalize_stats(partials, m, block_p)
 
 
@@ -121,6 +120,5 @@ def bn_relu_conv3x3_ref(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
         f = f * noise.double()
     f = f.to(z.dtype)
     if not with_stats:
-        empty = torch.empty(0, dtype=torch.float32, device=z.device)
-        return f, empty, empty.clone()
+        return f, *no_stats(z.device)
     return (f, *ref_stats(f))

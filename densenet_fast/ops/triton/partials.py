@@ -26,6 +26,12 @@ from torch import Tensor
 from .common import axis_sum, launch
 
 
+def no_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (mean, var) an op returns when it computed none or wrote them elsewhere: two empty
+    tensors (a custom op's outputs may not alias each other; a clone of one would be an op)."""
+    return torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.float32, device=device)
+
+
 def new_stats_partials(channels: int, rows: int, device: torch.device) -> Tensor:
     """Float32 (2, channels, rows) partials: every entry is written by a kernel."""
     return torch.empty((2, channels, rows), dtype=torch.float32, device=device)
