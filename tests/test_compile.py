@@ -8,13 +8,14 @@ import torch._dynamo
 import densenet_fast
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_model_trains_like_eager(backend):
+def _compiled_trains_like_eager(**compile_kwargs):
+    """Three training steps of the compiled model beside an eager deep copy: outputs, every
+    parameter grad (accumulated over the steps) and every buffer (running stats) equal, no recompiles."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True)
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(3):
@@ -26,6 +27,18 @@ def test_compiled_model_trains_like_eager(backend):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     for (name, b), c in zip(model.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_trains_like_eager(backend):
+    _compiled_trains_like_eager(backend=backend)
+
+
+def test_reduce_overhead_compiled_model_trains_like_eager():
+    """mode="reduce-overhead" (Inductor with CUDA graphs, issue 11's graph-capturable step) compiles
+    the model whole and trains like eager. On CPU it captures no CUDA graph, so this checks the
+    mode's compile and training path; tests/test_cuda.py checks the graphs themselves."""
+    _compiled_trains_like_eager(mode="reduce-overhead")
 
 
 def test_compiled_eval_and_no_grad():

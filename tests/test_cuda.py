@@ -1,7 +1,8 @@
 """The model on CUDA with every backend built for it, against references: training steps against
 the naive reference (outputs, input grads, every parameter grad, running stats), autocast against
 torchvision under the same autocast, GradScaler, channels_last, device moves, torch.compile with
-Inductor, and the errors of a device mix.
+Inductor (default and reduce-overhead), a whole training step captured in a CUDA graph and
+replayed, and the errors of a device mix.
 
 These need a GPU: they run in ``benchmarks/gpu_check`` (its test stage runs this file first). On a
 machine without CUDA, the same behaviours are tested on CPU by test_models, test_precision_and_layout,
@@ -182,3 +183,98 @@ def test_compiled_model_trains_like_eager(full_float32):
         torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
     for (name, b), c in zip(model.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_reduce_overhead_compiled_model_trains_like_eager(full_float32):
+    """mode="reduce-overhead" (Inductor's CUDA graphs, issue 11) with CUDA's default backend: the
+    forward and backward graphs are captured, not skipped, and three steps (warm-up, recording,
+    replay) train like eager. The grads are allocated before the loop: a .grad that the first
+    backward allocated in the graphs' pool would be overwritten by the next replay, as torch documents."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = densenet_fast.DenseNet(**SMALL).to(DEVICE)
+    model = copy.deepcopy(eager)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    x = _input((2, 3, 8, 8))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            out, out_eager = compiled(x), eager(x)
+            torch.testing.assert_close(out, out_eager, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step}: {m}")
+            out.sum().backward()
+            out_eager.sum().backward()
+    assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs skipped: the warning logged above says why"
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_captured_training_step_replays_like_eager(backend, full_float32):
+    """A whole training step (forward, loss, backward, SGD with momentum) captured in one
+    torch.cuda.CUDAGraph, the PyTorch docs' recipe, and replayed on new data computes what eager
+    steps compute: loss, output, every grad and parameter, and the running stats, which the
+    stages update with _foreach ops and no host sync, so capture records them (num_batches_tracked
+    advances once per replay). The optimizer is in the graph so that each replay's parameters
+    depend on the previous replay's grads and momentum buffers, as in real graphed training."""
+    torch.manual_seed(0)
+    model = randomize_bn(densenet_fast.DenseNet(**SMALL)).to(DEVICE)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    batches = [(_input((2, 3, 8, 8), seed=10 + i),
+                torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(20 + i)).to(DEVICE))
+               for i in range(5)]  # 3 for warm-up, 2 replayed
+    warmup, replayed = batches[:3], batches[3:]
+
+    def train_step(net, optimizer, x, target):
+        out = net(x)
+        loss = nn.functional.cross_entropy(out, target)
+        loss.backward()
+        optimizer.step()
+        return out, loss
+
+    def eager_step(x, target):
+        opt_eager.zero_grad(set_to_none=True)
+        return train_step(eager, opt_eager, x, target)
+
+    static_x, static_target = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
+    # Warm-up on a side stream (real steps: the eager copy takes them too); it creates the momentum buffers.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, target in warmup:
+            static_x.copy_(x)
+            static_target.copy_(target)
+            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, static_x, static_target)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, target in warmup:
+        eager_step(x, target)
+
+    graph = torch.cuda.CUDAGraph()
+    # Grads to None before capture: the captured backward allocates them in the graph's pool and
+    # each replay refills them in place (no zero_grad between replays).
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_out, static_loss = train_step(model, opt, static_x, static_target)
+
+    for i, (x, target) in enumerate(replayed):
+        static_x.copy_(x)
+        static_target.copy_(target)
+        graph.replay()
+        out, loss = eager_step(x, target)
+        torch.testing.assert_close(static_loss, loss, atol=2e-4, rtol=2e-3, msg=lambda m: f"replay {i} loss: {m}")
+        torch.testing.assert_close(static_out, out, atol=2e-4, rtol=2e-3, msg=lambda m: f"replay {i} output: {m}")
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3,
+                                       msg=lambda m: f"replay {i} {name} grad: {m}")
+            torch.testing.assert_close(p, q, atol=2e-4, rtol=2e-3, msg=lambda m: f"replay {i} {name}: {m}")
+        for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+            torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"replay {i} {name}: {m}")
+            if name.endswith("num_batches_tracked"):
+                assert int(b) == len(warmup) + i + 1, (name, int(b))
