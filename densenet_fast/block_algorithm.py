@@ -248,8 +248,9 @@ def _rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
     out.rsqrt_()
 
 
-def _normalize(packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
-               mean: Tensor, var: Optional[Tensor], running: Optional[tuple[Tensor, Tensor]]) -> BNCoefs:
+def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor],
+               bias: Optional[Tensor], mean: Tensor, var: Optional[Tensor],
+               running: Optional[tuple[Tensor, Tensor]]) -> BNCoefs:
     """Writes one BN's scale and shift (and its own center and invstd) into ``packed``.
 
     ``mean``/``var``: its batch statistics (``var`` only where it computes its own invstd), unused
@@ -261,14 +262,8 @@ def _normalize(packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor
         mean, var = bn.center, running[1]
     if slots.own_invstd:
         _rsqrt_eps(var, eps, bn.invstd)
-    if weight is None:
-        bn.scale.copy_(bn.invstd)
-    else:
-        torch.mul(weight, bn.invstd, out=bn.scale)
-    if bias is None:
-        torch.mul(mean, bn.scale, out=bn.shift).neg_()
-    else:
-        torch.addcmul(bias, mean, bn.scale, value=-1, out=bn.shift)
+    # scale and shift are adjacent in the layout: one (2, width) block
+    backend.bn_coefficients(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
     return bn
 
 
@@ -340,7 +335,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         c = c0 + i * k
         w1, b1, conv1, w2, b2, conv2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
         j1, j2 = 2 * i, 2 * i + 1
-        bn1 = _normalize(packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c], next_running(j1))
+        bn1 = _normalize(backend, packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c], next_running(j1))
         batch2, slots2 = spec.batch_stats[j2], lay.norms[j2]
         into2 = stats_into(j2, slots2.stats, slots2.width, w2, b2) if batch2 else None
         z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2, into2)
@@ -351,7 +346,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
                 z_mean, z_var = _stats((z_mean, z_var), sync)
                 z_slots += [mean[slots2.stats:slots2.stats + slots2.width], var[slots2.stats:slots2.stats + slots2.width]]
                 z_stats += [z_mean, z_var]
-            bn2 = _normalize(packed, slots2, spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
+            bn2 = _normalize(backend, packed, slots2, spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
         noise = None
         p = spec.drop_rates[i]
         if p > 0:
@@ -376,7 +371,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     if spec.has_transition:
         wt, bt, convt = params[num_layers * PARAMS_PER_LAYER:]
         j = 2 * num_layers
-        bnt = _normalize(packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels], var[:spec.channels],
+        bnt = _normalize(backend, packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels], var[:spec.channels],
                          next_running(j))
         out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt)
     if z_slots:
@@ -466,7 +461,7 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
         grads[base + 5], sums[j2], grad_z = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc), r2.grad_x
         if spec.batch_stats[j2]:
             sum_dy, sum_dy_xc = sums[j2] if sync is None else sync.sum(*sums[j2])  # parameter grads stay local
-            backend.bn_grad_finalize(grad_z, z, bn2.center, *torch._foreach_mul([kx[j2], kc[j2]], [sum_dy_xc, sum_dy]))
+            backend.bn_grad_finalize(grad_z, z, bn2.center, sum_dy_xc, sum_dy, (kx[j2], kc[j2]))
         del z, r2
         r1 = backend.bn_relu_conv1x1_backward(grad_z, buf[:, :c], bn1.scale, bn1.shift, conv1, bn1.center,
                                               grad_buf[:, :c], needs[base + 2])

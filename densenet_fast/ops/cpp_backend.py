@@ -299,5 +299,7 @@ class CppBackend(Backend):
             _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad)
         return self._grads(result, grad_x, need_weight_grad)
 
-    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
+    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
+        if factors is not None:
+            coef_x, coef_c = torch._foreach_mul(list(factors), [coef_x, coef_c])
         _ops.bn_grad_finalize(grad_x, x, center, coef_x, coef_c)

@@ -64,17 +64,23 @@ def write_stats(into: StatsOut, mean: Tensor, var: Tensor) -> None:
     torch._foreach_copy_([out_mean, out_var], [mean, var])
     torch.add(out_var, into.eps, out=invstd)
     invstd.rsqrt_()
-    if into.coefs is None:
-        return
-    scale, shift = into.coefs.unbind()
-    if into.weight is None:
+    if into.coefs is not None:
+        write_coefficients(out_mean, invstd, into.weight, into.bias, into.coefs)
+
+
+def write_coefficients(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       coefs: Tensor) -> None:
+    """A BN's (2, C) ``coefs``: ``scale = weight * invstd``, ``shift = bias - mean * scale``
+    (``weight``/``bias`` None: 1 and 0), in PyTorch ops."""
+    scale, shift = coefs.unbind()
+    if weight is None:
         scale.copy_(invstd)
     else:
-        torch.mul(into.weight, invstd, out=scale)
-    if into.bias is None:
-        torch.mul(out_mean, scale, out=shift).neg_()
+        torch.mul(weight, invstd, out=scale)
+    if bias is None:
+        torch.mul(mean, scale, out=shift).neg_()
     else:
-        torch.addcmul(into.bias, out_mean, scale, value=-1, out=shift)
+        torch.addcmul(bias, mean, scale, value=-1, out=shift)
 
 
 def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut]):
@@ -180,12 +186,21 @@ class Backend(ABC):
         """Backward of :meth:`bn_relu_pool_conv1x1`."""
 
     @abstractmethod
-    def bn_grad_finalize(self, grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor) -> None:
+    def bn_grad_finalize(self, grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,
+                         factors: Optional[tuple[Tensor, Tensor]] = None) -> None:
         """In place: ``grad_x += coef_x * (x - center) + coef_c`` (per-channel coefficients).
 
         This is the part of BN's backward that goes through the batch statistics, summed over
-        every BN that normalized these channels, applied once per channel.
+        every BN that normalized these channels, applied once per channel. With ``factors``
+        ``(fx, fc)`` the coefficients are ``fx * coef_x`` and ``fc * coef_c`` (a BN's factors
+        times its reductions, see block_algorithm's docstring).
         """
+
+    def bn_coefficients(self, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        coefs: Tensor) -> None:
+        """A BN's coefficients into the (2, C) ``coefs``: see :func:`write_coefficients`, which
+        this default runs; a backend may do it in one launch."""
+        write_coefficients(mean, invstd, weight, bias, coefs)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -194,7 +194,9 @@ class TorchBackend(Backend):
 
         return self._prologue_backward(x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of)
 
-    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
+    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
+        if factors is not None:
+            coef_x, coef_c = torch._foreach_mul(list(factors), [coef_x, coef_c])
         dt = x.dtype
         center4, coef_x4, coef_c4 = (t.to(dt)[:, None, None] for t in (center, coef_x, coef_c))
         for s in _chunks(x):

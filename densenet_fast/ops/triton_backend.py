@@ -15,7 +15,7 @@ from torch import Tensor
 from .interface import Backend, ConvGrads, StatsOut
 
 try:
-    from .triton import (SUPPORTED_DTYPES, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
+    from .triton import (SUPPORTED_DTYPES, bn_coefficients, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
                          bn_relu_conv3x3, bn_relu_conv3x3_backward, bn_relu_pool_conv1x1,
                          bn_relu_pool_conv1x1_backward, channel_stats)
     from .triton.bn_relu_conv1x1 import _conv1x1_fwd_kernel
@@ -93,8 +93,12 @@ class TritonBackend(Backend):
         return self._backward(bn_relu_pool_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
                               need_weight_grad, zero_fill=odd)
 
-    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c):
-        bn_grad_finalize(grad_x, x, _vec(center), _vec(coef_x), _vec(coef_c))
+    def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
+        fx, fc = (None, None) if factors is None else (_vec(factors[0]), _vec(factors[1]))
+        bn_grad_finalize(grad_x, x, _vec(center), _vec(coef_x), _vec(coef_c), fx, fc)
+
+    def bn_coefficients(self, mean, invstd, weight, bias, coefs):
+        bn_coefficients(_vec(mean), _vec(invstd), weight, bias, coefs)
 
     @staticmethod
     def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill) -> ConvGrads:

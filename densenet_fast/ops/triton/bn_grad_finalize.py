@@ -5,6 +5,8 @@ arithmetic is float32 whatever the activations' dtype.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -17,9 +19,9 @@ _TILE_P = 128
 
 @triton.jit(do_not_specialize=["M", "n_c_tiles"])
 def _bn_grad_finalize_kernel(
-    gx_ptr, x_ptr, center_ptr, coef_x_ptr, coef_c_ptr, C, M, HW, n_c_tiles,
+    gx_ptr, x_ptr, center_ptr, coef_x_ptr, coef_c_ptr, fx_ptr, fc_ptr, C, M, HW, n_c_tiles,
     s_gn, s_gc, s_ghw, s_xn, s_xc, s_xhw,
-    ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_FACTORS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0) // n_c_tiles
     offs_c = (tl.program_id(0) % n_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -30,6 +32,9 @@ def _bn_grad_finalize_kernel(
     center = tl.load(center_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     coef_x = tl.load(coef_x_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     coef_c = tl.load(coef_c_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    if HAS_FACTORS:
+        coef_x = coef_x * tl.load(fx_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        coef_c = coef_c * tl.load(fc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * s_xc, mask=valid, other=0.0)
     gx_ptrs = gx_ptr + g_rows[:, None] + offs_c[None, :] * s_gc
     g = tl.load(gx_ptrs, mask=valid, other=0.0).to(tl.float32)
@@ -38,8 +43,10 @@ def _bn_grad_finalize_kernel(
 
 
 @torch.library.triton_op("densenet_fast_triton::bn_grad_finalize", mutates_args={"grad_x"})
-def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor) -> None:
-    """``grad_x += coef_x * (x - center) + coef_c`` with per-channel coefficients, in place."""
+def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,
+                     factor_x: Optional[Tensor] = None, factor_c: Optional[Tensor] = None) -> None:
+    """``grad_x += coef_x * (x - center) + coef_c`` with per-channel coefficients, in place; with
+    ``factor_x`` and ``factor_c`` the coefficients are first multiplied by them."""
     n, c, h, w = x.shape
     m = n * h * w
     x = collapsible(x)
@@ -48,13 +55,17 @@ def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, 
     block_c = pow2_block(c, 16, 32)
     n_c_tiles = triton.cdiv(c, block_c)
     launch(_bn_grad_finalize_kernel)[(triton.cdiv(m, tile_p) * n_c_tiles,)](
-        target, x, center, coef_x, coef_c, c, m, h * w, n_c_tiles, *strides_nchw(target), *strides_nchw(x),
-        ALIGN=min(row_align(x), row_align(target)), BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
+        target, x, center, coef_x, coef_c, factor_x if factor_x is not None else coef_x,
+        factor_c if factor_c is not None else coef_c, c, m, h * w, n_c_tiles, *strides_nchw(target), *strides_nchw(x),
+        HAS_FACTORS=factor_x is not None, ALIGN=min(row_align(x), row_align(target)), BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
     if target is not grad_x:
         grad_x.copy_(target)
 
 
-def bn_grad_finalize_ref(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor) -> Tensor:
+def bn_grad_finalize_ref(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,
+                         factor_x: Optional[Tensor] = None, factor_c: Optional[Tensor] = None) -> Tensor:
     """PyTorch reference: the new value of ``grad_x`` (float64 math), ``grad_x`` left unchanged."""
+    if factor_x is not None:
+        coef_x, coef_c = coef_x.double() * factor_x.double(), coef_c.double() * factor_c.double()
     c4 = [t.double()[:, None, None] for t in (center, coef_x, coef_c)]
     return (grad_x.double() + c4[1] * (x.double() - c4[0]) + c4[2]).to(grad_x.dtype)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .bn_coefficients import affine_coefficients
 from .common import axis_sum, launch
 
 
@@ -84,12 +85,7 @@ def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shif
         invstd = 1.0 / tl.sqrt_rn(var + eps)  # not the approximate rsqrt.approx
         tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
         if AFFINE:
-            scale = invstd
-            if HAS_WEIGHT:
-                scale = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
-            shift = -mean * scale
-            if HAS_BIAS:
-                shift = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+            scale, shift = affine_coefficients(mean, invstd, w_ptr, b_ptr, offs_c, c_ok, HAS_WEIGHT, HAS_BIAS)
             tl.store(scale_ptr + offs_c, scale, mask=c_ok)
             tl.store(shift_ptr + offs_c, shift, mask=c_ok)
 
