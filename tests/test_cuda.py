@@ -161,6 +161,23 @@ def test_device_mix_is_one_clear_error():
         densenet_fast.DenseNet(**SMALL)(torch.randn(2, 3, 8, 8, device=DEVICE))
 
 
+def _train_beside_eager(compiled, model, eager, x, check=None):
+    """Three steps of ``compiled`` (of ``model``) beside ``eager``, a copy: outputs every step, then
+    every grad and buffer; ``check()`` (after the steps, before the comparisons) must hold."""
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            out, out_eager = compiled(x), eager(x)
+            torch.testing.assert_close(out, out_eager, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step}: {m}")
+            out.sum().backward()
+            out_eager.sum().backward()
+    if check is not None:
+        assert check(), "the check after the steps failed (reduce-overhead: CUDA graphs skipped; the warning above says why)"
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
 def test_compiled_model_trains_like_eager(full_float32):
     """Inductor on CUDA, fullgraph, with CUDA's default backend (Inductor compiles for a minute, so
     not once per backend): each stage stays one custom op; equal results, no recompiles."""
@@ -173,16 +190,7 @@ def test_compiled_model_trains_like_eager(full_float32):
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     x = _input((2, 3, 8, 8))
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(3):
-            out, out_eager = compiled(x), eager(x)
-            torch.testing.assert_close(out, out_eager, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step}: {m}")
-            out.sum().backward()
-            out_eager.sum().backward()
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
-    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
-        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    _train_beside_eager(compiled, model, eager, x)
 
 
 def test_reduce_overhead_compiled_model_trains_like_eager(full_float32):
@@ -201,17 +209,7 @@ def test_reduce_overhead_compiled_model_trains_like_eager(full_float32):
         p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     x = _input((2, 3, 8, 8))
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(3):
-            out, out_eager = compiled(x), eager(x)
-            torch.testing.assert_close(out, out_eager, atol=2e-4, rtol=2e-3, msg=lambda m: f"step {step}: {m}")
-            out.sum().backward()
-            out_eager.sum().backward()
-    assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs skipped: the warning logged above says why"
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
-    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
-        torch.testing.assert_close(b, c, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    _train_beside_eager(compiled, model, eager, x, check=lambda: counters["inductor"]["cudagraph_skips"] == 0)
 
 
 def test_captured_training_step_replays_like_eager(backend, full_float32):
