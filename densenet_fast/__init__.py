@@ -6,7 +6,7 @@
 from . import reference
 from .convert import convert
 from .distributed import SyncBatchNorm2d, convert_sync_batchnorm
-from .fusion import FallbackError, get_fallback, set_fallback
+from .fusion import FallbackError, get_fallback, reset_fallback_warnings, set_fallback
 from .memory import peak_memory
 from .models import DenseNet
 from .ops import available_backends, get_backend_name, set_backend
@@ -18,7 +18,7 @@ _BUILDERS = ("densenet121", "densenet161", "densenet169", "densenet201", "densen
 __all__ = [
     "DenseNet", *_BUILDERS,
     "convert", "convert_sync_batchnorm", "SyncBatchNorm2d", "reference", "peak_memory", "set_backend", "get_backend_name", "available_backends",
-    "set_fallback", "get_fallback", "FallbackError",
+    "set_fallback", "get_fallback", "reset_fallback_warnings", "FallbackError",
 ]
 __version__ = "0.1.0"
 

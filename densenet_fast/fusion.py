@@ -54,6 +54,12 @@ def get_fallback() -> str:
     return policy
 
 
+def reset_fallback_warnings() -> None:
+    """Forget which fallback reasons were warned about, so each warns again once (the warnings are
+    once per reason for the whole process: a test or a notebook that wants to see them again)."""
+    _warned.clear()
+
+
 def fall_back(stage_name: str, reason: str) -> None:
     """Called when ``stage_name`` runs module by module because of ``reason``."""
     message = f"densenet_fast: {stage_name} runs module by module, without the memory savings: {reason}"

@@ -69,19 +69,10 @@ def fallback_policy(policy: Optional[str]):
         densenet_fast.set_fallback(None)
 
 
-def _forget_warned_reasons() -> None:
-    # The library warns once per reason for the whole process; a test that checks the warning must see it
-    # whatever ran before. (densenet_fast.fusion keeps the reasons it warned about in ``_warned``.)
-    fusion = getattr(densenet_fast, "fusion", None)
-    warned = getattr(fusion, "_warned", None)
-    if warned is not None:
-        warned.clear()
-
-
 @contextlib.contextmanager
 def library_warnings():
     """Records densenet_fast's warnings raised in the block (after forgetting the reasons already warned)."""
-    _forget_warned_reasons()
+    densenet_fast.reset_fallback_warnings()  # warned once per reason per process: see it whatever ran before
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours: list = []

@@ -205,6 +205,18 @@ def test_fallback_warns_once_per_reason():
     assert len(messages) == 2 and "SiLU" in messages[0] and "hook" in messages[1], messages
 
 
+def test_reset_fallback_warnings_warns_each_reason_again():
+    _, ours = torchvision_twin(REPLACEMENTS["relu1_silu"][0])
+    x = tiny_input()
+    with library_warnings() as caught:
+        train_step(ours, x)
+        train_step(ours, x)  # already warned
+        densenet_fast.reset_fallback_warnings()
+        train_step(ours, x)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("SiLU" in m for m in messages), messages
+
+
 def _silu_everywhere(model):
     for name, module in list(model.named_modules()):
         if name.endswith("relu1"):
