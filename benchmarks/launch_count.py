@@ -18,9 +18,11 @@ step, gradients dropped before it) is profiled with ``torch.profiler`` (CPU acti
   ``slice``, ``as_strided``, ``t``, ``detach``, a ``to`` or ``contiguous`` that changes nothing, ...),
   metadata changes (``as_strided_``, ``resize_``, ``set_``, ...), allocations (``empty*``) and
   ``_local_scalar_dense`` (``.item()``: a host sync, reported on its own);
-* a ``_foreach_*`` op as CUDA's fast path launches it, one kernel per 30 tensors (the fewest any
-  of its multi-tensor kernels takes: 110 for one tensor list down to 30 for five), where the CPU
-  runs it as one op per tensor;
+* a ``_foreach_*`` op as one kernel per 30 tensors, where the CPU runs it as one op per tensor: an
+  upper bound of what CUDA's fast path launches (multi_tensor_apply takes 110 tensors for one list
+  down to 30 for five under CUDA 12; CUDA 13 builds take 210 to 770). An op that CUDA runs on its
+  slow path (mismatched shapes or dtypes: the 0-dim factors of momentum=None) launches per tensor
+  and is undercounted;
 * nothing that runs inside a Triton launch (the interpreter's own copies to and from the host).
 
 On CUDA a counted op is one kernel, or a few (cuDNN convolutions, cuBLAS GEMMs); on CPU some ops

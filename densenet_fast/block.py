@@ -251,7 +251,9 @@ class _InputAsBufferPrefix:
     def __exit__(self, *exc):
         self._current.hooks = None
         self._hooks.__exit__(*exc)
-        self.x = self.kept = None  # the packed objects hold what backward needs
+        # The packed objects hold what backward needs; autograd keeps the hooks (bound to self)
+        # while the graph lives, so self lets go of the tensors and of its hooks object (a cycle).
+        self.x = self.kept = self._hooks = None
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,7 +7,8 @@ torch.cat / batch_norm / relu / conv2d / avg_pool2d, reusing the forward's dropo
 differentiates that: torchvision's numbers, at torchvision's memory cost, only on that path.
 
 The stage's op saves its input for this as the first channels of its kept buffer (block.py), at no
-memory cost.
+memory cost, except under saved-tensor hooks of the user's own, which then save it as they save
+every tensor.
 """
 from __future__ import annotations
 

@@ -16,13 +16,15 @@ def _seeded(*shape, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("affine", ["weight_and_bias", "weight", "none"])
+@pytest.mark.parametrize("affine", ["weight_and_bias", "strided_weight_and_bias", "weight", "none"])
 @pytest.mark.parametrize("channels", [1, 37, 300])
 def test_bn_coefficients_match_float64(backend, affine, channels):
     mean = _seeded(channels, seed=1)
     invstd = _seeded(channels, seed=2).abs() + 0.1
-    weight = _seeded(channels, seed=3) if affine != "none" else None
-    bias = _seeded(channels, seed=4) if affine == "weight_and_bias" else None
+    weight = _seeded(2 * channels, seed=3)[::2] if affine != "none" else None  # [::2]: any strides
+    bias = _seeded(2 * channels, seed=4)[::2] if "bias" in affine else None
+    if affine == "weight_and_bias":
+        weight, bias = weight.contiguous(), bias.contiguous()
     packed = _seeded(2 * channels + 7, seed=5)
     before = packed.clone()
     coefs = packed[3:3 + 2 * channels].view(2, channels)

@@ -45,3 +45,23 @@ def test_a_stage_keeps_its_input_only_as_its_buffers_first_channels(transition):
     assert x_saved.untyped_storage().data_ptr() == kept.untyped_storage().data_ptr()
     assert x_saved.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     assert torch.equal(x_saved, x) and x_saved.grad_fn is x.grad_fn
+
+
+def test_a_stage_call_leaves_no_reference_cycle():
+    """The saved-tensor hooks of a stage call are freed with its graph, not left to the cyclic GC."""
+    import gc
+
+    from densenet_fast.block import _InputAsBufferPrefix
+
+    torch.manual_seed(0)
+    stage = _DenseBlock(2, 4, 2, 3, 0.0).double().stage(_Transition(10, 3).double())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            dense_stage(x * 1.0, stage).sum().backward()
+        alive = [o for o in gc.get_objects() if type(o) is _InputAsBufferPrefix]
+    finally:
+        gc.enable()
+    assert not alive, f"{len(alive)} hook objects kept alive by reference cycles"

@@ -58,8 +58,9 @@ def test_statistics_and_coefficients_written_in_place(backend, op, affine):
     shift = 0.5 * _seeded(c_in, seed=3).float()
     kernel = 1 if op == "conv1x1" else 3
     weight = (_seeded(c_out, c_in, kernel, kernel, seed=4) / (c_in * kernel * kernel) ** 0.5).to(dtype)
-    bn_weight = _seeded(c_out, seed=5).float() if affine != "none" else None
-    bn_bias = _seeded(c_out, seed=6).float() if affine != "none" else None
+    # Strided, as a parameter may be: the ops read them with their strides.
+    bn_weight = _seeded(2 * c_out, seed=5).float()[::2] if affine != "none" else None
+    bn_bias = _seeded(2 * c_out, seed=6).float()[::2] if affine != "none" else None
     packed, rows, coefs = _packed(c_out, seed=7)
     before = packed.clone()
     into = StatsOut(rows, EPS, coefs, bn_weight, bn_bias)

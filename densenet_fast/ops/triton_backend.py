@@ -32,12 +32,17 @@ def _vec(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def _vec_or_none(t):
+    return None if t is None else _vec(t)
+
+
 def _into(stats_into: Optional[StatsOut]) -> tuple:
     """The ops' trailing arguments for a StatsOut: the statistics are finished, and the BN
     coefficients computed, in the launch that finishes the op's partials."""
     if stats_into is None:
         return ()
-    return stats_into.stats, stats_into.coefs, stats_into.weight, stats_into.bias, stats_into.eps
+    return stats_into.stats, stats_into.coefs, _vec_or_none(stats_into.weight), _vec_or_none(stats_into.bias), \
+        stats_into.eps
 
 
 class TritonBackend(Backend):
@@ -98,7 +103,7 @@ class TritonBackend(Backend):
         bn_grad_finalize(grad_x, x, _vec(center), _vec(coef_x), _vec(coef_c), fx, fc)
 
     def bn_coefficients(self, mean, invstd, weight, bias, coefs):
-        bn_coefficients(_vec(mean), _vec(invstd), weight, bias, coefs)
+        bn_coefficients(_vec(mean), _vec(invstd), _vec_or_none(weight), _vec_or_none(bias), coefs)
 
     @staticmethod
     def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill) -> ConvGrads:
