@@ -107,15 +107,23 @@ def conv1x1_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, poo
     return out, mean, var
 
 
+# The registered op has no default arguments: torch 2.11's dispatcher drops trailing arguments
+# equal to their defaults, and its version bump of mutated arguments then indexes past them.
 @torch.library.triton_op("densenet_fast_triton::bn_relu_conv1x1", mutates_args={"stats_into", "coefs_into"})
+def _bn_relu_conv1x1_op(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool,
+                        stats_into: Optional[Tensor], coefs_into: Optional[Tensor], bn_weight: Optional[Tensor],
+                        bn_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    into = None if stats_into is None else (stats_into, coefs_into, bn_weight, bn_bias, eps)
+    return conv1x1_forward(x, scale, shift, weight, False, with_stats, into)
+
+
 def bn_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool,
                     stats_into: Optional[Tensor] = None, coefs_into: Optional[Tensor] = None,
                     bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
                     eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """(z, mean, var): the bottleneck and, with ``with_stats``, its float32 batch statistics (else
     empty). With ``stats_into`` they go there instead, with what follows (``finalize_stats``)."""
-    into = None if stats_into is None else (stats_into, coefs_into, bn_weight, bn_bias, eps)
-    return conv1x1_forward(x, scale, shift, weight, False, with_stats, into)
+    return _bn_relu_conv1x1_op(x, scale, shift, weight, with_stats, stats_into, coefs_into, bn_weight, bn_bias, eps)
 
 
 def bn_relu_conv1x1_ref(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,

@@ -73,13 +73,23 @@ def _conv3x3_fwd_kernel(
         store_tile_partials(p_ptr, C_out, tl.cdiv(M, BLOCK_P), pid_m, offs_co, co_ok, mean, m2)
 
 
-@torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3", mutates_args={"out", "stats_into", "coefs_into"})
 def bn_relu_conv3x3(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
                     noise: Optional[Tensor], with_stats: bool, stats_into: Optional[Tensor] = None,
                     coefs_into: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
                     bn_bias: Optional[Tensor] = None, eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """Writes the new channels into ``out``; returns their float32 (mean, var), empty without
     ``with_stats`` or when written into ``stats_into`` with what follows (``finalize_stats``)."""
+    return _bn_relu_conv3x3_op(z, scale, shift, weight, out, noise, with_stats, stats_into, coefs_into, bn_weight,
+                               bn_bias, eps)
+
+
+# The registered op has no default arguments: torch 2.11's dispatcher drops trailing arguments
+# equal to their defaults, and its version bump of mutated arguments then indexes past them.
+@torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3", mutates_args={"out", "stats_into", "coefs_into"})
+def _bn_relu_conv3x3_op(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
+                        noise: Optional[Tensor], with_stats: bool, stats_into: Optional[Tensor],
+                        coefs_into: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                        eps: float) -> tuple[Tensor, Tensor]:
     n, c_in, h, w = z.shape
     c_out = weight.shape[0]
     m = n * h * w
