@@ -78,9 +78,16 @@ _fx = torch.fx._symbolic_trace
 _is_fx_tracing = getattr(_fx, "_get_is_fx_tracing", _fx.is_fx_tracing)
 
 
+def _is_exporting() -> bool:
+    """Whether torch.export is tracing. The flag torch.compiler.is_exporting() returns is read
+    directly: torch 2.11's dynamo traces that call as True under torch.compile as well."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def transforming() -> bool:
     """Whether a tracer or transform records the computation (eager checks must then stay out of it)."""
-    return (_is_fx_tracing() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+    return (_is_fx_tracing() or torch.jit.is_tracing() or _is_exporting()
             or (not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
                                                       or torch.autograd.forward_ad._current_level >= 0)))
 
@@ -91,7 +98,7 @@ def context_reason(x) -> Optional[str]:
         return "torch.fx is tracing the model"
     if torch.jit.is_tracing():
         return "torch.jit.trace is recording the model"
-    if torch.compiler.is_exporting():
+    if _is_exporting():
         return "torch.export is tracing the model"
     if not torch.compiler.is_compiling():
         # torch.compile keeps the fused op; these are eager-only states.
