@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, StatsOut, memory_format, stats_dtype
+from .ops.interface import Backend, StatsOut, memory_format, rsqrt_eps, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -238,16 +238,6 @@ def _cumulative_factors(running: Sequence[tuple[Tensor, Tensor, Tensor]]) -> lis
     return [f if r[0].dtype == dtype else f.to(r[0].dtype) for f, r in zip(factors.unbind(), running)]
 
 
-def _rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
-    """out = rsqrt(var + eps), in out's dtype (the statistics dtype)."""
-    if var.dtype == out.dtype:
-        torch.add(var, eps, out=out)
-    else:
-        out.copy_(var)
-        out.add_(eps)
-    out.rsqrt_()
-
-
 def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor],
                bias: Optional[Tensor], mean: Tensor, var: Optional[Tensor],
                running: Optional[tuple[Tensor, Tensor]]) -> BNCoefs:
@@ -261,7 +251,7 @@ def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weigh
         bn.center.copy_(running[0])
         mean, var = bn.center, running[1]
     if slots.own_invstd:
-        _rsqrt_eps(var, eps, bn.invstd)
+        rsqrt_eps(var, eps, bn.invstd)
     # scale and shift are adjacent in the layout: one (2, width) block
     backend.bn_coefficients(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
     return bn
@@ -308,7 +298,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         m, v = _stats(stats, sync)
         hi = lo + m.shape[0]
         torch._foreach_copy_([mean[lo:hi], var[lo:hi]], [m, v])
-        _rsqrt_eps(v, lay.channel_eps, invstd[lo:hi])
+        rsqrt_eps(v, lay.channel_eps, invstd[lo:hi])
 
     if num_layers == 0:
         buf = x

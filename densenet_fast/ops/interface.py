@@ -58,12 +58,21 @@ class StatsOut(NamedTuple):
     bias: Optional[Tensor] = None
 
 
+def rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
+    """out = rsqrt(var + eps), in out's dtype (the statistics dtype)."""
+    if var.dtype == out.dtype:
+        torch.add(var, eps, out=out)
+    else:
+        out.copy_(var)
+        out.add_(eps)
+    out.rsqrt_()
+
+
 def write_stats(into: StatsOut, mean: Tensor, var: Tensor) -> None:
     """Writes ``into`` from the batch statistics ``mean`` and biased ``var``, in PyTorch ops."""
     out_mean, out_var, invstd = into.stats.unbind()
     torch._foreach_copy_([out_mean, out_var], [mean, var])
-    torch.add(out_var, into.eps, out=invstd)
-    invstd.rsqrt_()
+    rsqrt_eps(out_var, into.eps, invstd)
     if into.coefs is not None:
         write_coefficients(out_mean, invstd, into.weight, into.bias, into.coefs)
 

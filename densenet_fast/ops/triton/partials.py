@@ -103,7 +103,8 @@ def finalize_stats(partials: Tensor, m: int, tile_p: int, stats_into: Optional[T
     _, channels, rows = partials.shape
     if stats_into is None:
         mean = torch.empty(channels, dtype=torch.float32, device=partials.device)
-        var = invstd = torch.empty_like(mean)
+        var = torch.empty_like(mean)
+        invstd = var  # a placeholder pointer: nothing writes invstd without stats_into
     else:
         mean, var, invstd = stats_into.unbind()
     scale, shift = (mean, mean) if coefs_into is None else coefs_into.unbind()
