@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, StatsOut, memory_format, rsqrt_eps, stats_dtype
+from .ops.interface import Backend, CoefSums, CoefsFrom, PendingTerm, StatsOut, memory_format, rsqrt_eps, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -257,6 +257,18 @@ def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weigh
     return bn
 
 
+def _reader_coefficients(backend: Backend, packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor],
+                         bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                         running: Optional[tuple[Tensor, Tensor]]) -> tuple[BNCoefs, Optional[CoefsFrom]]:
+    """A BN that reads the buffer, as :func:`_normalize`; when it normalizes with the buffer
+    channels' shared batch statistics, its scale and shift are left to the op that applies them
+    (the returned CoefsFrom), which computes them in its own launch."""
+    if running is None and not slots.own_invstd:
+        bn = coefs_of(packed, slots)
+        return bn, CoefsFrom(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
+    return _normalize(backend, packed, slots, eps, weight, bias, mean, var, running), None
+
+
 def _stats(mean_var: tuple[Tensor, Tensor], sync: Optional[BatchSync]) -> tuple[Tensor, Tensor]:
     return mean_var if sync is None else sync.stats(*mean_var)
 
@@ -325,10 +337,11 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         c = c0 + i * k
         w1, b1, conv1, w2, b2, conv2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
         j1, j2 = 2 * i, 2 * i + 1
-        bn1 = _normalize(backend, packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c], next_running(j1))
+        bn1, from1 = _reader_coefficients(backend, packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c],
+                                          next_running(j1))
         batch2, slots2 = spec.batch_stats[j2], lay.norms[j2]
         into2 = stats_into(j2, slots2.stats, slots2.width, w2, b2) if batch2 else None
-        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2, into2)
+        z, z_mean, z_var = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, batch2, into2, from1)
         if into2 is not None:
             bn2 = coefs_of(packed, slots2)  # written by the op
         else:
@@ -361,9 +374,9 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     if spec.has_transition:
         wt, bt, convt = params[num_layers * PARAMS_PER_LAYER:]
         j = 2 * num_layers
-        bnt = _normalize(backend, packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels], var[:spec.channels],
-                         next_running(j))
-        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt)
+        bnt, fromt = _reader_coefficients(backend, packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels],
+                                          var[:spec.channels], next_running(j))
+        out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt, fromt)
     if z_slots:
         torch._foreach_copy_(z_slots, z_stats)
     if any_batch:
@@ -449,16 +462,16 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
                                               needs[base + 5])
         del grad_new
         grads[base + 5], sums[j2], grad_z = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc), r2.grad_x
+        pending = None  # BN2's batch-statistics term, added to grad_z as the conv1x1 backward reads it
         if spec.batch_stats[j2]:
             sum_dy, sum_dy_xc = sums[j2] if sync is None else sync.sum(*sums[j2])  # parameter grads stay local
-            backend.bn_grad_finalize(grad_z, z, bn2.center, sum_dy_xc, sum_dy, (kx[j2], kc[j2]))
-        del z, r2
+            pending = PendingTerm(z, bn2.center, sum_dy_xc, sum_dy, kx[j2], kc[j2])
+        del r2
+        coef_sums = CoefSums(acc[0, :c], acc[1, :c], kx[j1], kc[j1]) if spec.batch_stats[j1] else None
         r1 = backend.bn_relu_conv1x1_backward(grad_z, buf[:, :c], bn1.scale, bn1.shift, conv1, bn1.center,
-                                              grad_buf[:, :c], needs[base + 2])
-        del grad_z
+                                              grad_buf[:, :c], needs[base + 2], coef_sums, pending)
+        del z, grad_z, pending
         grads[base + 2], sums[j1] = r1.grad_weight, (r1.sum_dy, r1.sum_dy_xc)
-        if spec.batch_stats[j1]:
-            torch._foreach_addcmul_([acc[0, :c], acc[1, :c]], [kx[j1], kc[j1]], [r1.sum_dy_xc, r1.sum_dy])
         del r1
 
     _bn_param_grads(spec, coefs, sums, needs, grads)

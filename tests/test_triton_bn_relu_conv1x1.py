@@ -41,3 +41,28 @@ def test_without_stats_and_offset_slice():
     z, mean, var = bn_relu_conv1x1(x, scale, shift, weight, False)
     assert mean.numel() == 0 and var.numel() == 0
     torch.testing.assert_close(z, bn_relu_conv1x1_ref(x, scale, shift, weight, False)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("affine", ["weight_and_bias", "weight_only", "none"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
+def test_computes_its_coefficients_from_statistics(shape, affine):
+    """With coefs_from the kernel computes scale and shift from the BN's mean, invstd, weight and
+    bias as it loads each input tile, and writes them (every input channel, over several K tiles
+    and programs) into the (2, C_in) block the backward reads."""
+    from densenet_fast.ops.triton import bn_coefficients_ref
+
+    torch.manual_seed(3)
+    n, c_buf, c_in, c_out, h, w = shape
+    x = _buffer(n, c_buf, h, w, torch.float32, False)[:, :c_in]
+    mean, invstd = 0.3 * torch.randn(c_in, device=DEVICE), torch.rand(c_in, device=DEVICE) + 0.5
+    bn_w = torch.randn(c_in, device=DEVICE) if affine != "none" else None
+    bn_b = torch.randn(c_in, device=DEVICE) if affine == "weight_and_bias" else None
+    weight = torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5
+    coefs = torch.full((2, c_in), float("nan"), device=DEVICE)
+    z, z_mean, z_var = bn_relu_conv1x1(x, None, None, weight, True, coefs_from=(mean, invstd, bn_w, bn_b, coefs))
+    coefs_ref = bn_coefficients_ref(mean, invstd, bn_w, bn_b).float()
+    torch.testing.assert_close(coefs, coefs_ref, atol=1e-6, rtol=1e-6)
+    z_ref, mean_ref, var_ref = bn_relu_conv1x1_ref(x, coefs_ref[0], coefs_ref[1], weight, True)
+    torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_mean, mean_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_var, var_ref, atol=1e-4, rtol=1e-4)

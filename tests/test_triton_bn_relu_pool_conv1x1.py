@@ -26,3 +26,22 @@ def test_matches_ref(shape, channels_last, dtype, atol, rtol):
     out_ref = bn_relu_pool_conv1x1_ref(x, scale, shift, weight)
     assert out.shape == (n, c_out, h // 2, w // 2) and out.dtype == dtype
     torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+
+
+def test_computes_its_coefficients_from_statistics():
+    """coefs_from as in bn_relu_conv1x1: the transition's scale and shift computed in the kernel
+    (over several K tiles and programs) and written into the block the backward reads."""
+    from densenet_fast.ops.triton import bn_coefficients_ref
+
+    torch.manual_seed(4)
+    n, c_in, c_out, h, w = 2, 70, 20, 9, 11
+    x = torch.randn(n, c_in + 5, h, w, device=DEVICE)[:, :c_in]
+    mean, invstd = 0.3 * torch.randn(c_in, device=DEVICE), torch.rand(c_in, device=DEVICE) + 0.5
+    bn_w, bn_b = torch.randn(c_in, device=DEVICE), torch.randn(c_in, device=DEVICE)
+    weight = torch.randn(c_out, c_in, 1, 1, device=DEVICE) / c_in ** 0.5
+    coefs = torch.full((2, c_in), float("nan"), device=DEVICE)
+    out = bn_relu_pool_conv1x1(x, None, None, weight, (mean, invstd, bn_w, bn_b, coefs))
+    coefs_ref = bn_coefficients_ref(mean, invstd, bn_w, bn_b).float()
+    torch.testing.assert_close(coefs, coefs_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, bn_relu_pool_conv1x1_ref(x, coefs_ref[0], coefs_ref[1], weight), atol=1e-4,
+                               rtol=1e-4)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import load_extension
-from .interface import Backend, ConvGrads, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, add_coef_sums, apply_pending_term, coefficients_first, stats_dtype, stats_result
 
 # Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
 # this reason) when the library is not built, or was built for another torch: then it is not even
@@ -250,7 +250,8 @@ class CppBackend(Backend):
         mean, var = _ops.channel_stats(_walkable(x) if x.dim() == 4 else x)
         return mean, var
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
+        coefficients_first(self, coefs_from)
         if not self._fused(x):
             z, mean, var = self.composite.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
         else:
@@ -270,13 +271,16 @@ class CppBackend(Backend):
         return ConvGrads(new_grad_x if grad_x is None else grad_x, grad_weight if need_weight_grad else None,
                          sum_dy, sum_dy_xc)
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                 coef_sums=None, pending=None):
+        apply_pending_term(self, grad_out, pending)
         if not self._fused(x):
-            return self.composite.bn_relu_conv1x1_backward(
+            grads = self.composite.bn_relu_conv1x1_backward(
                 grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad)
-        result = _ops.bn_relu_conv1x1_backward(
-            _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad)
-        return self._grads(result, grad_x, need_weight_grad)
+        else:
+            grads = self._grads(_ops.bn_relu_conv1x1_backward(
+                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad), grad_x, need_weight_grad)
+        return add_coef_sums(coef_sums, grads)
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         if not self._fused(z):
@@ -286,7 +290,8 @@ class CppBackend(Backend):
             _walkable(grad_out), z, scale, shift, weight, center, grad_x, need_weight_grad)
         return self._grads(result, grad_x, need_weight_grad)
 
-    def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
+    def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
+        coefficients_first(self, coefs_from)
         if not self._fused(x):
             return self.composite.bn_relu_pool_conv1x1(x, scale, shift, weight)
         return _ops.bn_relu_pool_conv1x1(x, scale, shift, weight)

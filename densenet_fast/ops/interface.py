@@ -58,6 +58,71 @@ class StatsOut(NamedTuple):
     bias: Optional[Tensor] = None
 
 
+class CoefSums(NamedTuple):
+    """Where a backward op adds its BN's batch-statistics terms (block_algorithm's docstring): the
+    rows ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy`` of the stage's accumulator, with
+    the BN's per-channel factors ``fx``, ``fc``; all in the statistics dtype, each contiguous. A
+    backend that finishes its reductions on the device adds them in that launch; the others call
+    :func:`add_coef_sums`.
+    """
+
+    coef_x: Tensor
+    coef_c: Tensor
+    fx: Tensor
+    fc: Tensor
+
+
+class CoefsFrom(NamedTuple):
+    """A BN whose coefficients an op computes before it applies them: from the batch ``mean`` and
+    ``invstd`` of its channels and its ``weight``/``bias`` (None: 1 and 0) into ``coefs``, the
+    (2, C) block whose rows are the ``scale`` and ``shift`` the op is given (outputs, then). In the
+    statistics dtype, rows contiguous. A backend that can computes them inside the op's launch (and
+    writes ``coefs`` there); the others call :meth:`Backend.bn_coefficients` first, through
+    :func:`coefficients_first`.
+    """
+
+    mean: Tensor
+    invstd: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    coefs: Tensor
+
+
+def coefficients_first(backend: "Backend", coefs_from: Optional[CoefsFrom]) -> None:
+    """Writes the coefficients ``coefs_from`` asks for, before an op that applies them runs."""
+    if coefs_from is not None:
+        backend.bn_coefficients(*coefs_from)
+
+
+class PendingTerm(NamedTuple):
+    """An output gradient that still lacks its BN's batch-statistics term, ``fx * coef_x * (x -
+    center) + fc * coef_c`` per channel (:meth:`Backend.bn_grad_finalize`'s math; ``x`` the BN's
+    input, the rest vectors in the statistics dtype). A backend that can adds it as it loads the
+    gradient; the others apply it in place first, through :func:`apply_pending_term`.
+    """
+
+    x: Tensor
+    center: Tensor
+    coef_x: Tensor
+    coef_c: Tensor
+    fx: Tensor
+    fc: Tensor
+
+
+def apply_pending_term(backend: "Backend", grad_out: Tensor, pending: Optional[PendingTerm]) -> None:
+    """Adds ``pending`` into ``grad_out`` in place, before an op that reads it runs."""
+    if pending is not None:
+        backend.bn_grad_finalize(grad_out, pending.x, pending.center, pending.coef_x, pending.coef_c,
+                                 (pending.fx, pending.fc))
+
+
+def add_coef_sums(into: Optional[CoefSums], grads: ConvGrads) -> ConvGrads:
+    """Adds a backward op's terms ``into`` the accumulator, in one PyTorch op; returns ``grads``."""
+    if into is not None:
+        torch._foreach_addcmul_([into.coef_x, into.coef_c], [into.fx, into.fc], [grads.sum_dy_xc, grads.sum_dy])
+    return grads
+
+
 def rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
     """out = rsqrt(var + eps), in out's dtype (the statistics dtype)."""
     if var.dtype == out.dtype:
@@ -117,12 +182,14 @@ class Backend(ABC):
     def bn_relu_conv1x1(
         self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, with_stats: bool,
         stats_into: Optional[StatsOut] = None,
+        coefs_from: Optional[CoefsFrom] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """``conv1x1(relu(x * scale + shift), weight)``: the bottleneck, a new contiguous tensor.
 
         With ``with_stats`` also returns the bottleneck's per-channel mean and biased variance,
         else ``(z, None, None)``; with ``stats_into`` (and ``with_stats``) writes them there
-        instead (see :class:`StatsOut`) and returns ``(z, None, None)``.
+        instead (see :class:`StatsOut`) and returns ``(z, None, None)``. With ``coefs_from``
+        ``scale`` and ``shift`` are computed first (see :class:`CoefsFrom`).
         """
 
     @abstractmethod
@@ -155,8 +222,13 @@ class Backend(ABC):
         center: Tensor,
         grad_x: Optional[Tensor],
         need_weight_grad: bool,
+        coef_sums: Optional[CoefSums] = None,
+        pending: Optional[PendingTerm] = None,
     ) -> ConvGrads:
-        """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``)."""
+        """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``); with
+        ``coef_sums`` it also adds its BN's batch-statistics terms there (see :class:`CoefSums`);
+        with ``pending`` the gradient of its output is ``grad_out`` plus that term (see
+        :class:`PendingTerm`; ``grad_out`` may then be changed in place)."""
 
     @abstractmethod
     def bn_relu_conv3x3_backward(
@@ -173,11 +245,12 @@ class Backend(ABC):
         """Backward of :meth:`bn_relu_conv3x3`; ``grad_out`` already carries dropout's mask."""
 
     @abstractmethod
-    def bn_relu_pool_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Tensor:
+    def bn_relu_pool_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                             coefs_from: Optional[CoefsFrom] = None) -> Tensor:
         """The transition: ``conv1x1(avg_pool2x2(relu(x * scale + shift)), weight)``.
 
         Pooling before the conv is the same math as torchvision's conv-then-pool (both are linear
-        and the conv is pointwise) at a quarter of the FLOPs.
+        and the conv is pointwise) at a quarter of the FLOPs. ``coefs_from``: as in :meth:`bn_relu_conv1x1`.
         """
 
     @abstractmethod

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, memory_format, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, add_coef_sums, apply_pending_term, coefficients_first, memory_format, stats_dtype, stats_result
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -111,7 +111,8 @@ class TorchBackend(Backend):
         # Two-pass per-channel mean and biased variance, without touching any running stats.
         return torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0)
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
+        coefficients_first(self, coefs_from)
         z = torch.empty((x.shape[0], weight.shape[0]) + x.shape[2:], dtype=x.dtype, device=x.device)
         affine = _Affine(scale, shift, x.dtype)
         for s in _chunks(x):
@@ -150,11 +151,14 @@ class TorchBackend(Backend):
                 out[s].addcmul_(dy, affine.scale4)
         return ConvGrads(out, grad_w, sums[0], sums[1])
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                 coef_sums=None, pending=None):
+        apply_pending_term(self, grad_out, pending)
         def dy_of(s, y, grad_w):
             return _conv1x1_backward(grad_out[s], y, weight, grad_w)
 
-        return self._prologue_backward(x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of)
+        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x,
+                                                                need_weight_grad, dy_of))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         affine = _Affine(scale, shift, z.dtype)
@@ -177,7 +181,8 @@ class TorchBackend(Backend):
                 grad_x[s].addcmul_(dy, affine.scale4)
         return ConvGrads(dy_all if grad_x is None else grad_x, grad_w, sums[0], sums[1])
 
-    def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
+    def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
+        coefficients_first(self, coefs_from)
         n, _, h, w = x.shape
         # The block's layout carries over to the next block (channels_last stays channels_last).
         out = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=x.dtype, device=x.device,

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, StatsOut
+from .interface import Backend, CoefsFrom, ConvGrads, StatsOut
 
 try:
     from .triton import (SUPPORTED_DTYPES, bn_coefficients, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
@@ -45,6 +45,12 @@ def _into(stats_into: Optional[StatsOut]) -> tuple:
         stats_into.eps
 
 
+def _from(coefs_from: CoefsFrom) -> tuple:
+    """The kernels' (mean, invstd, weight, bias, coefs) of a CoefsFrom: they write ``coefs`` in place."""
+    return _vec(coefs_from.mean), _vec(coefs_from.invstd), _vec_or_none(coefs_from.weight), \
+        _vec_or_none(coefs_from.bias), coefs_from.coefs
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -72,7 +78,11 @@ class TritonBackend(Backend):
     def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return channel_stats(x)
 
-    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None):
+    def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
+        if coefs_from is not None:
+            into = _into(stats_into) or (None, None, None, None, 0.0)
+            z, mean, var = bn_relu_conv1x1(x, None, None, weight, with_stats, *into, coefs_from=_from(coefs_from))
+            return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
         z, mean, var = bn_relu_conv1x1(x, _vec(scale), _vec(shift), weight, with_stats, *_into(stats_into))
         return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
 
@@ -80,15 +90,22 @@ class TritonBackend(Backend):
         mean, var = bn_relu_conv3x3(z, _vec(scale), _vec(shift), weight, out, noise, with_stats, *_into(stats_into))
         return (mean, var) if with_stats and stats_into is None else (None, None)
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                 coef_sums=None, pending=None):
+        sums = None if coef_sums is None else tuple(_vec(t) for t in coef_sums)
+        if sums and any(a is not b for a, b in zip(sums[:2], coef_sums[:2])):
+            raise ValueError("coef_sums' accumulators must be contiguous: the op adds into them in place")
+        terms = None if pending is None else (pending.x, *(_vec(t) for t in pending[1:]))
         return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=False)
+                              need_weight_grad, zero_fill=False, extra=(sums, terms))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         return self._backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x,
                               need_weight_grad, zero_fill=False)
 
-    def bn_relu_pool_conv1x1(self, x, scale, shift, weight):
+    def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
+        if coefs_from is not None:
+            return bn_relu_pool_conv1x1(x, None, None, weight, _from(coefs_from))
         return bn_relu_pool_conv1x1(x, _vec(scale), _vec(shift), weight)
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
@@ -106,11 +123,12 @@ class TritonBackend(Backend):
         bn_coefficients(_vec(mean), _vec(invstd), _vec_or_none(weight), _vec_or_none(bias), coefs)
 
     @staticmethod
-    def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill) -> ConvGrads:
+    def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill,
+                  extra=()) -> ConvGrads:
         accumulate = grad_x is not None
         if grad_x is None:
             grad_x = torch.zeros_like(x) if zero_fill else torch.empty_like(x)
             accumulate = zero_fill
         grad_w, sum_dy, sum_dy_xc = op(grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate,
-                                     need_weight_grad)
+                                     need_weight_grad, *extra)
         return ConvGrads(grad_x, grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)

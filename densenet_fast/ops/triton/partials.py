@@ -134,6 +134,13 @@ def _sum_columns(p_ptr, R, s_r, s_c, offs_c, c_ok, BLOCK_R: tl.constexpr, BLOCK_
     return acc
 
 
+@triton.jit
+def _add_scaled(acc_ptr, f_ptr, total, offs, ok):
+    """acc[offs] += f[offs] * total."""
+    f = tl.load(f_ptr + offs, mask=ok, other=0.0)
+    tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=ok, other=0.0) + f * total, mask=ok)
+
+
 # Tiles of the two jobs: tile sums over their contiguous axis (long rows, a few channels per
 # program); split sums over their slow axis (a few splits, wide contiguous rows).
 _PAIR_R, _PAIR_C = tl.constexpr(256), tl.constexpr(8)
@@ -142,15 +149,20 @@ _SPLIT_R, _SPLIT_C = tl.constexpr(8), tl.constexpr(256)
 
 @triton.jit(do_not_specialize=["S", "A", "B", "n_pair_programs"])
 def _sum_partials_kernel(pair_ptr, sum_a_ptr, sum_b_ptr, C, R, split_ptr, out_ptr, S, A, B, n_pair_programs,
-                         HAS_PAIRS: tl.constexpr, HAS_SPLITS: tl.constexpr):
+                         acc_a_ptr, acc_b_ptr, f_a_ptr, f_b_ptr,
+                         HAS_PAIRS: tl.constexpr, HAS_SPLITS: tl.constexpr, ACCUMULATE: tl.constexpr):
     pid = tl.program_id(0)
     if HAS_PAIRS and pid < n_pair_programs:
         # (2, C, R) partials -> their two per-channel sums over R
         offs_c = pid * _PAIR_C + tl.arange(0, _PAIR_C)
         c_ok = offs_c < C
-        tl.store(sum_a_ptr + offs_c, _sum_columns(pair_ptr, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C), mask=c_ok)
-        tl.store(sum_b_ptr + offs_c, _sum_columns(pair_ptr + C * R, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C),
-                 mask=c_ok)
+        sum_a = _sum_columns(pair_ptr, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C)
+        sum_b = _sum_columns(pair_ptr + C * R, R, 1, R, offs_c, c_ok, _PAIR_R, _PAIR_C)
+        tl.store(sum_a_ptr + offs_c, sum_a, mask=c_ok)
+        tl.store(sum_b_ptr + offs_c, sum_b, mask=c_ok)
+        if ACCUMULATE:  # acc_a += f_a * sum_a, acc_b += f_b * sum_b
+            _add_scaled(acc_a_ptr, f_a_ptr, sum_a, offs_c, c_ok)
+            _add_scaled(acc_b_ptr, f_b_ptr, sum_b, offs_c, c_ok)
     if HAS_SPLITS and pid >= n_pair_programs:
         # (S, A, B) partials -> the (B, A) transpose of their sum over S, in the output's dtype
         offs = (pid - n_pair_programs) * _SPLIT_C + tl.arange(0, _SPLIT_C)
@@ -159,11 +171,15 @@ def _sum_partials_kernel(pair_ptr, sum_a_ptr, sum_b_ptr, C, R, split_ptr, out_pt
         tl.store(out_ptr + (offs % B) * A + offs // B, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_partials(pairs: Tensor, splits: Optional[Tensor] = None,
-                 dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def sum_partials(pairs: Tensor, splits: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None,
+                 accumulate: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Finishes a backward op's partials in one kernel: the two per-channel float32 sums over R of
     (2, C, R) ``pairs`` and, given (S, A, B) ``splits`` (a weight gradient's float32 split partials),
-    the (B, A) transpose of their sum over S in ``dtype``. Sums run in order: deterministic."""
+    the (B, A) transpose of their sum over S in ``dtype``. Sums run in order: deterministic.
+
+    With ``accumulate`` = (acc_a, acc_b, f_a, f_b), contiguous float32 vectors of C entries, it
+    also adds ``f_a * sum_a`` into ``acc_a`` and ``f_b * sum_b`` into ``acc_b``."""
     _, channels, rows = pairs.shape
     sum_a = torch.empty(channels, dtype=torch.float32, device=pairs.device)
     sum_b = torch.empty_like(sum_a)
@@ -174,7 +190,10 @@ def sum_partials(pairs: Tensor, splits: Optional[Tensor] = None,
         s, a, b = splits.shape
         out = torch.empty((b, a), dtype=dtype, device=pairs.device)
         n_split = triton.cdiv(a * b, _SPLIT_C.value)
+    if accumulate is not None and any(t.stride(0) != 1 and channels > 1 for t in accumulate):
+        raise ValueError("sum_partials accumulates into contiguous per-channel vectors")
+    acc = accumulate if accumulate is not None else (sum_a,) * 4
     launch(_sum_partials_kernel)[(n_pair + n_split,)](
-        pairs, sum_a, sum_b, channels, rows, splits if splits is not None else pairs, out, s, a, b, n_pair,
-        HAS_PAIRS=True, HAS_SPLITS=splits is not None, num_warps=4)
+        pairs, sum_a, sum_b, channels, rows, splits if splits is not None else pairs, out, s, a, b, n_pair, *acc,
+        HAS_PAIRS=True, HAS_SPLITS=splits is not None, ACCUMULATE=accumulate is not None, num_warps=4)
     return sum_a, sum_b, (out if splits is not None else None)
