@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, CoefSums, CoefsFrom, PendingTerm, StatsOut, memory_format, rsqrt_eps, stats_dtype
+from .ops.interface import Backend, CoefSums, CoefsFrom, StatsOut, memory_format, rsqrt_eps, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -462,15 +462,14 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
                                               needs[base + 5])
         del grad_new
         grads[base + 5], sums[j2], grad_z = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc), r2.grad_x
-        pending = None  # BN2's batch-statistics term, added to grad_z as the conv1x1 backward reads it
         if spec.batch_stats[j2]:
             sum_dy, sum_dy_xc = sums[j2] if sync is None else sync.sum(*sums[j2])  # parameter grads stay local
-            pending = PendingTerm(z, bn2.center, sum_dy_xc, sum_dy, kx[j2], kc[j2])
-        del r2
+            backend.bn_grad_finalize(grad_z, z, bn2.center, sum_dy_xc, sum_dy, (kx[j2], kc[j2]))
+        del z, r2
         coef_sums = CoefSums(acc[0, :c], acc[1, :c], kx[j1], kc[j1]) if spec.batch_stats[j1] else None
         r1 = backend.bn_relu_conv1x1_backward(grad_z, buf[:, :c], bn1.scale, bn1.shift, conv1, bn1.center,
-                                              grad_buf[:, :c], needs[base + 2], coef_sums, pending)
-        del z, grad_z, pending
+                                              grad_buf[:, :c], needs[base + 2], coef_sums)
+        del grad_z
         grads[base + 2], sums[j1] = r1.grad_weight, (r1.sum_dy, r1.sum_dy_xc)
         del r1
 

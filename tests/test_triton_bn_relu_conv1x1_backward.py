@@ -73,33 +73,3 @@ def test_adds_batch_statistics_terms_into_accumulators(shape, need_weight_grad):
     torch.testing.assert_close(acc[1, :c_in], before[1, :c_in] + fc * s_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(acc[:, c_in:], before[:, c_in:], atol=0, rtol=0)
 
-
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
-def test_adds_the_pending_term_of_its_output_gradient(shape, channels_last, dtype, atol, rtol):
-    """With ``pending`` the kernels read grad_out + fx * coef_x * (z - center) + fc * coef_c (the
-    bottleneck BN's batch-statistics term) without it being written: the same grads as the
-    reference given the completed gradient, over several pixel and output-channel tiles."""
-    from densenet_fast.ops.triton import bn_grad_finalize_ref
-
-    torch.manual_seed(5)
-    grad_out, x, scale, shift, weight, center, grad_buf = _inputs(shape, dtype, channels_last)
-    c_in, c_out = x.shape[1], weight.shape[0]
-    z = torch.randn_like(grad_out)
-    z_center = (0.1 * torch.randn(c_out)).to(DEVICE)
-    # coef_x, coef_c, fx, fc: a term of the gradient's own size, as BN's is (grad_out ~ 1/sqrt(N*H*W))
-    g_scale = grad_out.float().std().item()
-    terms = [g_scale * torch.randn(c_out, device=DEVICE), g_scale * torch.randn(c_out, device=DEVICE),
-             torch.randn(c_out, device=DEVICE), torch.randn(c_out, device=DEVICE)]
-    completed = bn_grad_finalize_ref(grad_out, z, z_center, terms[2] * terms[0], terms[3] * terms[1])
-    gx_ref, gw_ref, s_ref, sxc_ref = bn_relu_conv1x1_backward_ref(completed, x, scale, shift, weight, center,
-                                                                   grad_buf[:, :c_in], True)
-    grad_out_before = grad_out.clone()
-    gw, s, sxc = bn_relu_conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_buf[:, :c_in], True, True,
-                                          pending=(z, z_center, *terms))
-    torch.testing.assert_close(grad_buf[:, :c_in], gx_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(gw, gw_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(s, s_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(sxc, sxc_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(grad_out, grad_out_before, atol=0, rtol=0)  # read, not written

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import load_extension
-from .interface import Backend, ConvGrads, add_coef_sums, apply_pending_term, coefficients_first, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, add_coef_sums, coefficients_first, stats_dtype, stats_result
 
 # Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
 # this reason) when the library is not built, or was built for another torch: then it is not even
@@ -272,8 +272,7 @@ class CppBackend(Backend):
                          sum_dy, sum_dy_xc)
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                 coef_sums=None, pending=None):
-        apply_pending_term(self, grad_out, pending)
+                                 coef_sums=None):
         if not self._fused(x):
             grads = self.composite.bn_relu_conv1x1_backward(
                 grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad)

@@ -94,28 +94,6 @@ def coefficients_first(backend: "Backend", coefs_from: Optional[CoefsFrom]) -> N
         backend.bn_coefficients(*coefs_from)
 
 
-class PendingTerm(NamedTuple):
-    """An output gradient that still lacks its BN's batch-statistics term, ``fx * coef_x * (x -
-    center) + fc * coef_c`` per channel (:meth:`Backend.bn_grad_finalize`'s math; ``x`` the BN's
-    input, the rest vectors in the statistics dtype). A backend that can adds it as it loads the
-    gradient; the others apply it in place first, through :func:`apply_pending_term`.
-    """
-
-    x: Tensor
-    center: Tensor
-    coef_x: Tensor
-    coef_c: Tensor
-    fx: Tensor
-    fc: Tensor
-
-
-def apply_pending_term(backend: "Backend", grad_out: Tensor, pending: Optional[PendingTerm]) -> None:
-    """Adds ``pending`` into ``grad_out`` in place, before an op that reads it runs."""
-    if pending is not None:
-        backend.bn_grad_finalize(grad_out, pending.x, pending.center, pending.coef_x, pending.coef_c,
-                                 (pending.fx, pending.fc))
-
-
 def add_coef_sums(into: Optional[CoefSums], grads: ConvGrads) -> ConvGrads:
     """Adds a backward op's terms ``into`` the accumulator, in one PyTorch op; returns ``grads``."""
     if into is not None:
@@ -223,12 +201,9 @@ class Backend(ABC):
         grad_x: Optional[Tensor],
         need_weight_grad: bool,
         coef_sums: Optional[CoefSums] = None,
-        pending: Optional[PendingTerm] = None,
     ) -> ConvGrads:
         """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``); with
-        ``coef_sums`` it also adds its BN's batch-statistics terms there (see :class:`CoefSums`);
-        with ``pending`` the gradient of its output is ``grad_out`` plus that term (see
-        :class:`PendingTerm`; ``grad_out`` may then be changed in place)."""
+        ``coef_sums`` it also adds its BN's batch-statistics terms there (see :class:`CoefSums`)."""
 
     @abstractmethod
     def bn_relu_conv3x3_backward(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, add_coef_sums, apply_pending_term, coefficients_first, memory_format, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, add_coef_sums, coefficients_first, memory_format, stats_dtype, stats_result
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -152,8 +152,7 @@ class TorchBackend(Backend):
         return ConvGrads(out, grad_w, sums[0], sums[1])
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                 coef_sums=None, pending=None):
-        apply_pending_term(self, grad_out, pending)
+                                 coef_sums=None):
         def dy_of(s, y, grad_w):
             return _conv1x1_backward(grad_out[s], y, weight, grad_w)
 

@@ -91,13 +91,12 @@ class TritonBackend(Backend):
         return (mean, var) if with_stats and stats_into is None else (None, None)
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                 coef_sums=None, pending=None):
+                                 coef_sums=None):
         sums = None if coef_sums is None else tuple(_vec(t) for t in coef_sums)
         if sums and any(a is not b for a, b in zip(sums[:2], coef_sums[:2])):
             raise ValueError("coef_sums' accumulators must be contiguous: the op adds into them in place")
-        terms = None if pending is None else (pending.x, *(_vec(t) for t in pending[1:]))
         return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=False, extra=(sums, terms))
+                              need_weight_grad, zero_fill=False, extra=(sums,))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         return self._backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x,

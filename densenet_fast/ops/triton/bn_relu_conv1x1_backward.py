@@ -33,31 +33,13 @@ from .partials import new_stats_partials, store_tile_partials, sum_partials
 _MAX_SPLITS = 64
 
 
-@triton.jit
-def _load_grad_out(g_ptr, g_rows, s_gc, z_ptr, z_rows, s_zc, center_ptr, cx_ptr, cc_ptr, fx_ptr, fc_ptr, offs_co,
-                   co_ok, mask, PENDING: tl.constexpr):
-    """A (pixels, output channels) tile of the output gradient. With PENDING it still lacks its
-    BN's batch-statistics term, added here in float32: ``g + fx * cx * (z - center) + fc * cc``
-    per output channel (contiguous float32 vectors), zero outside ``mask``; so that term is never
-    written into the gradient and read back (what a bn_grad_finalize launch would do)."""
-    g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=mask, other=0.0)
-    if PENDING:
-        z = tl.load(z_ptr + z_rows[:, None] + offs_co[None, :] * s_zc, mask=mask, other=0.0).to(tl.float32)
-        center = tl.load(center_ptr + offs_co, mask=co_ok, other=0.0)
-        kx = tl.load(fx_ptr + offs_co, mask=co_ok, other=0.0) * tl.load(cx_ptr + offs_co, mask=co_ok, other=0.0)
-        kc = tl.load(fc_ptr + offs_co, mask=co_ok, other=0.0) * tl.load(cc_ptr + offs_co, mask=co_ok, other=0.0)
-        g = tl.where(mask, g.to(tl.float32) + kx[None, :] * (z - center[None, :]) + kc[None, :], 0.0)
-    return g
-
-
 @triton.jit(do_not_specialize=["M", "n_ci_tiles"])
 def _conv1x1_bwd_data_kernel(
     g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
-    z_ptr, z_center_ptr, z_cx_ptr, z_cc_ptr, z_fx_ptr, z_fc_ptr,  # the pending term (PENDING)
     C_in, C_out, M, HW_out, W_out, n_ci_tiles,
-    s_gn, s_gc, s_ghw, s_zn, s_zc, s_zhw, s_wo, s_wi,
+    s_gn, s_gc, s_ghw, s_wo, s_wi,
     s_xn, s_xc, s_xh, s_xw, s_gxn, s_gxc, s_gxh, s_gxw,  # without POOL, the *w strides are the H*W strides
-    POOL: tl.constexpr, ACCUMULATE: tl.constexpr, PENDING: tl.constexpr, PRECISION: tl.constexpr,
+    POOL: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
     G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
@@ -65,14 +47,12 @@ def _conv1x1_bwd_data_kernel(
     offs_ci = (tl.program_id(0) % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = offs_ci < C_in
     p_ok, hw, _, g_rows = pixel_rows(pid_m, M, HW_out, s_gn, s_ghw, BLOCK_P, G_ALIGN)
-    _, _, _, z_rows = pixel_rows(pid_m, M, HW_out, s_zn, s_zhw, BLOCK_P, G_ALIGN)
     dot_dtype = w_ptr.dtype.element_ty
     acc = tl.full([BLOCK_P, BLOCK_CI], 0.0, tl.float32)
     for co0 in range(0, C_out, BLOCK_CO):
         offs_co = co0 + tl.arange(0, BLOCK_CO)
         co_ok = offs_co < C_out
-        g = _load_grad_out(g_ptr, g_rows, s_gc, z_ptr, z_rows, s_zc, z_center_ptr, z_cx_ptr, z_cc_ptr, z_fx_ptr,
-                           z_fc_ptr, offs_co, co_ok, p_ok[:, None] & co_ok[None, :], PENDING)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi,
                      mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
         acc = tl.dot(g.to(dot_dtype), wt, acc, input_precision=PRECISION)
@@ -108,11 +88,9 @@ def _conv1x1_bwd_data_kernel(
 @triton.jit(do_not_specialize=["M", "n_ci_tiles", "n_co_tiles", "tiles_per_split", "total_tiles"])
 def _conv1x1_bwd_weight_kernel(
     g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
-    z_ptr, z_center_ptr, z_cx_ptr, z_cc_ptr, z_fx_ptr, z_fc_ptr,  # the pending term (PENDING)
     C_in, C_out, M, HW_out, W_out, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
-    s_gn, s_gc, s_ghw, s_zn, s_zc, s_zhw, s_xn, s_xc, s_xh, s_xw,
-    POOL: tl.constexpr, PENDING: tl.constexpr, PRECISION: tl.constexpr, G_ALIGN: tl.constexpr,
-    X_ALIGN: tl.constexpr,
+    s_gn, s_gc, s_ghw, s_xn, s_xc, s_xh, s_xw,
+    POOL: tl.constexpr, PRECISION: tl.constexpr, G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     tile = tl.program_id(0) % (n_ci_tiles * n_co_tiles)
@@ -128,10 +106,9 @@ def _conv1x1_bwd_weight_kernel(
     t_end = tl.minimum((split + 1) * tiles_per_split, total_tiles)
     for t in range(split * tiles_per_split, t_end):
         p_ok, hw, _, g_rows = pixel_rows(t, M, HW_out, s_gn, s_ghw, BLOCK_P, G_ALIGN)
-        _, _, _, z_rows = pixel_rows(t, M, HW_out, s_zn, s_zhw, BLOCK_P, G_ALIGN)
         # Pixels past the batch load a zero gradient: their (finite) relu(shift) rows add nothing.
-        g = _load_grad_out(g_ptr, g_rows, s_gc, z_ptr, z_rows, s_zc, z_center_ptr, z_cx_ptr, z_cc_ptr, z_fx_ptr,
-                           z_fc_ptr, offs_co, co_ok, p_ok[:, None] & co_ok[None, :], PENDING)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_co[None, :] * s_gc, mask=p_ok[:, None] & co_ok[None, :],
+                    other=0.0)
         if POOL:
             _, _, _, x_img = pixel_rows(t, M, HW_out, s_xn, 0, BLOCK_P, 1)
         else:
@@ -154,13 +131,10 @@ def _weight_grad_warps(precision: str, block_ci: int, block_co: int, pool: bool)
 
 def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
                      grad_x: Tensor, accumulate: bool, need_weight_grad: bool, pool: bool,
-                     coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
-                     pending: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, Tensor, Tensor]:
+                     coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launches both kernels and the one that finishes their partials; ``grad_x`` receives (or,
     with ``accumulate``, gains) ``scale * dy``. With ``coef_sums`` = (coef_x, coef_c, fx, fc) that
     launch also adds ``fx * sum_dy_xc`` into ``coef_x`` and ``fc * sum_dy`` into ``coef_c``.
-    With ``pending`` = (z, center, coef_x, coef_c, fx, fc) the output gradient is taken as
-    ``grad_out + fx * coef_x * (z - center) + fc * coef_c`` (per output channel, see _load_grad_out).
 
     Returns (grad_weight, sum_dy, sum_dy_xc); grad_weight is empty unless requested.
     """
@@ -172,14 +146,6 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     m = n * ho * wo
     grad_out = collapsible(grad_out)
     s_gn, s_gc, s_ghw = strides_nchw(grad_out)
-    if pending is not None:
-        z = collapsible(pending[0])
-        if any(t.stride(0) != 1 for t in pending[1:] if t.shape[0] > 1):
-            raise ValueError("conv1x1_backward reads the pending term's per-channel vectors contiguous")
-        pend = (z, *pending[1:])
-        s_z = strides_nchw(z)
-    else:
-        pend, s_z = (grad_out,) + (center,) * 5, (0, 0, 0)
     target = grad_x
     if pool:
         s_x, s_gx = x.stride(), grad_x.stride()
@@ -194,13 +160,13 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     precision = dot_precision(x.dtype)
     block_p = PIXEL_BLOCK
     block_ci = pow2_block(c_in, 16, 64)
-    g_align = row_align(grad_out) if pending is None else min(row_align(grad_out), row_align(pend[0]))
+    g_align = row_align(grad_out)
     rows, n_ci_tiles = triton.cdiv(m, block_p), triton.cdiv(c_in, block_ci)
     partials = new_stats_partials(c_in, rows, x.device)
     launch(_conv1x1_bwd_data_kernel)[(rows * n_ci_tiles,)](
-        grad_out, weight, x, scale, shift, center, target, partials, *pend,
-        c_in, c_out, m, ho * wo, wo, n_ci_tiles, s_gn, s_gc, s_ghw, *s_z, weight.stride(0), weight.stride(1), *s_x,
-        *s_gx, POOL=pool, ACCUMULATE=accumulate, PENDING=pending is not None, PRECISION=precision,
+        grad_out, weight, x, scale, shift, center, target, partials,
+        c_in, c_out, m, ho * wo, wo, n_ci_tiles, s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
+        POOL=pool, ACCUMULATE=accumulate, PRECISION=precision,
         G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
         # 8 warps and 32 output channels per step: the epilogue holds tiles of x and grad_x beside
         # the accumulator, and at 4 warps or 64 channels the tile spilled (ptxas -v, sm_90).
@@ -217,8 +183,8 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
         splits, per_split = split_pixel_tiles(total_tiles, n_ci_tiles * n_co_tiles, _MAX_SPLITS)
         pgw = torch.empty((splits, c_in, c_out), dtype=torch.float32, device=x.device)
         launch(_conv1x1_bwd_weight_kernel)[(n_ci_tiles * n_co_tiles * splits,)](
-            grad_out, x, scale, shift, pgw, *pend, c_in, c_out, m, ho * wo, wo, n_ci_tiles, n_co_tiles, per_split,
-            total_tiles, s_gn, s_gc, s_ghw, *s_z, *s_x, POOL=pool, PENDING=pending is not None, PRECISION=precision,
+            grad_out, x, scale, shift, pgw, c_in, c_out, m, ho * wo, wo, n_ci_tiles, n_co_tiles, per_split,
+            total_tiles, s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
             G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
             # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
@@ -237,29 +203,21 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
 def _bn_relu_conv1x1_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
                                  center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
                                  coef_x: Optional[Tensor], coef_c: Optional[Tensor], fx: Optional[Tensor],
-                                 fc: Optional[Tensor], pending_x: Optional[Tensor], pending_center: Optional[Tensor],
-                                 pending_coef_x: Optional[Tensor], pending_coef_c: Optional[Tensor],
-                                 pending_fx: Optional[Tensor],
-                                 pending_fc: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                                 fc: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     sums = None if coef_x is None else (coef_x, coef_c, fx, fc)
-    pending = None if pending_x is None else (pending_x, pending_center, pending_coef_x, pending_coef_c, pending_fx,
-                                              pending_fc)
     return conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, False,
-                            sums, pending)
+                            sums)
 
 
 def bn_relu_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
                              center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
                              coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
-                             pending: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, Tensor, Tensor]:
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with
     ``accumulate``). With ``coef_sums`` = (coef_x, coef_c, fx, fc), contiguous float32 vectors,
-    also ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy``, in the same launches. With
-    ``pending`` = (z, center, coef_x, coef_c, fx, fc) ``grad_out`` still lacks its BN's
-    batch-statistics term ``fx * coef_x * (z - center) + fc * coef_c``, which the kernels add as
-    they load it (bn_grad_finalize's math, without writing it)."""
+    also ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy``, in the same launches."""
     return _bn_relu_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
-                                        need_weight_grad, *(coef_sums or (None,) * 4), *(pending or (None,) * 6))
+                                        need_weight_grad, *(coef_sums or (None,) * 4))
 
 
 def conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
