@@ -79,11 +79,11 @@ class TritonBackend(Backend):
         return channel_stats(x)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
-        if coefs_from is not None:
-            into = _into(stats_into) or (None, None, None, None, 0.0)
-            z, mean, var = bn_relu_conv1x1(x, None, None, weight, with_stats, *into, coefs_from=_from(coefs_from))
-            return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
-        z, mean, var = bn_relu_conv1x1(x, _vec(scale), _vec(shift), weight, with_stats, *_into(stats_into))
+        # With coefs_from the kernel computes scale and shift itself (and writes them).
+        affine = (None, None) if coefs_from is not None else (_vec(scale), _vec(shift))
+        into = _into(stats_into) or (None, None, None, None, 0.0)
+        z, mean, var = bn_relu_conv1x1(x, *affine, weight, with_stats, *into,
+                                       coefs_from=None if coefs_from is None else _from(coefs_from))
         return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
 
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
