@@ -1,10 +1,11 @@
 """What a compiled Triton kernel's hot loop does on the GPU, read from its SASS (``cuobjdump -sass``
 of the cubin, with the cuobjdump Triton ships).
 
-The hot loop is the innermost loop (a backward branch's range) holding the kernel's matrix
-instructions: HGMMA (Hopper's warpgroup MMA, wgmma), else HMMA (mma.sync), else, for float32 dots
-on FMAs, the loop with the most FFMAs (the whole kernel when no loop holds them: a loop that one
-specialization runs once is unrolled). Within it we report:
+A hot loop is an innermost loop (a backward branch's range) holding matrix instructions: HGMMA
+(Hopper's warpgroup MMA, wgmma) or HMMA (mma.sync); the whole kernel when no loop holds them (a
+loop that one specialization runs once is unrolled); for float32 dots on FMAs, the loop with the
+most FFMAs. A kernel that runs two jobs in one launch (the backward's data and weight GEMMs) has a
+hot loop per job, and each fact is the worst over them:
 
 * ``mma``: "wgmma", "mma.sync" or "fma";
 * ``async``: "tma" (UTMALDG), "cp.async" (LDGSTS) or "-" (global loads go through registers);
@@ -78,32 +79,44 @@ def _is_narrow_global_load(op: str) -> bool:
     return op.startswith("LDG") and any(f".{w}" in op for w in ("U8", "S8", "U16", "S16"))
 
 
-def facts(sass: str) -> SassFacts:
-    code = _instructions(sass)
-    loops = sorted(_loops(code), key=lambda r: r[1] - r[0])  # innermost (shortest) first
-    # A loop that runs once for a specialization (a pixel split of one tile) is straight-line code:
-    # then the whole kernel is its "hot loop".
-    spans = loops + [(0, len(code) - 1)]
-    for kind, prefixes in (("wgmma", ("HGMMA",)), ("mma.sync", ("HMMA",))):
-        hot = next(((a, b) for a, b in spans if _count(code[a:b + 1], prefixes)), None)
-        if hot is not None:
-            mma = kind
-            break
-    else:
-        with_ffma = [(a, b) for a, b in loops if _count(code[a:b + 1], ("FFMA",))]
-        hot = max(with_ffma, key=lambda r: _count(code[r[0]:r[1] + 1], ("FFMA",)), default=(0, len(code) - 1))
-        mma = "fma" if with_ffma else "none"
-    body = code[hot[0]:hot[1] + 1]
+_ASYNC_RANK = ("-", "cp.async", "tma")  # worst first
+
+
+def _async_copy(body) -> str:
     if _count(body, ("UTMALDG", "UBLKCP")):
-        async_copy = "tma"
-    elif _count(body, ("LDGSTS",)):
-        async_copy = "cp.async"
-    else:
-        async_copy = "-"
+        return "tma"
+    return "cp.async" if _count(body, ("LDGSTS",)) else "-"
+
+
+def _wgmma_wait(body) -> int:
     waits = [int(w.group(1), 16) for _, op, operands in body if op.startswith("WARPGROUP.DEPBAR")
              for w in [_WGMMA_WAIT.search(operands)] if w]
-    return SassFacts(mma=mma, async_copy=async_copy, wgmma_wait=max(waits) if waits else -1,
-                     narrow_loads=sum(1 for _, op, _ in body if _is_narrow_global_load(op)),
+    return max(waits) if waits else -1
+
+
+def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+    return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+
+def facts(sass: str) -> SassFacts:
+    code = _instructions(sass)
+    loops = _loops(code)
+    matrix = [r for r in loops if _count(code[r[0]:r[1] + 1], ("HGMMA", "HMMA"))]
+    hot = [r for r in matrix if not any(_contains(r, other) for other in matrix)]  # innermost ones
+    if not hot and _count(code, ("HGMMA", "HMMA")):
+        hot = [(0, len(code) - 1)]  # straight-line code: the loops were unrolled
+    if hot:
+        kinds = ["wgmma" if _count(code[a:b + 1], ("HGMMA",)) else "mma.sync" for a, b in hot]
+        mma = "mma.sync" if "mma.sync" in kinds else "wgmma"
+    else:
+        with_ffma = [(a, b) for a, b in loops if _count(code[a:b + 1], ("FFMA",))]
+        hot = [max(with_ffma, key=lambda r: _count(code[r[0]:r[1] + 1], ("FFMA",)), default=(0, len(code) - 1))]
+        mma = "fma" if with_ffma else "none"
+    bodies = [code[a:b + 1] for a, b in hot]
+    waits = [_wgmma_wait(body) for body in bodies]
+    return SassFacts(mma=mma, async_copy=min((_async_copy(body) for body in bodies), key=_ASYNC_RANK.index),
+                     wgmma_wait=min(waits) if mma == "wgmma" else max(waits),
+                     narrow_loads=max(sum(1 for _, op, _ in body if _is_narrow_global_load(op)) for body in bodies),
                      local_memory=_count(code, ("LDL", "STL")))
 
 

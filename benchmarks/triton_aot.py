@@ -151,7 +151,7 @@ def install(arch: int, with_resources: bool = False) -> None:
 
 
 HALF = ("fp16", "bf16")
-PIPELINED = ("_conv1x1_fwd_kernel", "_conv1x1_bwd_data_kernel", "_conv1x1_bwd_weight_kernel")
+PIPELINED = ("_conv1x1_fwd_kernel", "_conv1x1_bwd_kernel")
 
 
 def constexprs(label: str) -> dict[str, str]:

@@ -63,3 +63,29 @@ def test_sass_facts_find_the_hot_loop():
     assert (f.mma, f.async_copy, f.wgmma_wait, f.narrow_loads, f.local_memory) == ("wgmma", "cp.async", 1, 1, 1)
     serial = facts(sass.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32").replace("LDGSTS.E.BYPASS.128", "LDG.E.128"))
     assert (serial.mma, serial.async_copy, serial.wgmma_wait) == ("mma.sync", "-", 1)
+
+
+def test_sass_facts_report_the_worst_hot_loop_of_a_two_job_kernel():
+    """A kernel running two jobs in one launch (a backward's data and weight GEMMs) has a hot loop
+    per job: a serialized or register-fed one is reported even when the other is pipelined."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sass_facts import facts
+
+    sass = """
+        /*0000*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0010*/                   HGMMA.64x64x16.F32 R24, R64, gdesc[UR4], R24, gsb0 ;
+        /*0020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0030*/              @!P0 BRA 0x0 ;
+        /*0040*/                   LDG.E.U16 R8, desc[UR4][R4.64] ;
+        /*0050*/                   HGMMA.64x64x16.F32 R24, R64, gdesc[UR4], R24, gsb0 ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/              @!P1 BRA 0x40 ;
+        /*0080*/                   EXIT ;
+    """
+    f = facts(sass)
+    assert (f.mma, f.async_copy, f.wgmma_wait, f.narrow_loads) == ("wgmma", "-", 0, 1)
+    pipelined = facts(sass.replace("LDG.E.U16", "LDGSTS.E.BYPASS.128").replace("gsb0, 0x0", "gsb0, 0x1"))
+    assert (pipelined.async_copy, pipelined.wgmma_wait, pipelined.narrow_loads) == ("cp.async", 1, 0)
+    mixed = facts(sass.replace("HGMMA.64x64x16.F32 R24, R64, gdesc[UR4], R24, gsb0 ;\n        /*0060*/",
+                               "HMMA.16816.F32 R24, R64, R8, R24 ;\n        /*0060*/"))
+    assert mixed.mma == "mma.sync"

@@ -1,6 +1,7 @@
 """Backward of the fused BN-ReLU-conv1x1 (and, with ``POOL``, of the transition's BN-ReLU-pool-conv1x1).
 
-Two kernels, neither of which stores the normalized prefix or the masked gradient ``dy``:
+Two jobs in one launch (``_conv1x1_bwd_kernel``), neither of which stores the normalized prefix or
+the masked gradient ``dy``:
 
 * data: per (tile of the batch's pixels, input-channel tile) the GEMM ``grad_out @ weight`` gives
   the gradient of the conv input; the epilogue recomputes the ReLU mask from ``x``, adds
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (PIXEL_BLOCK, collapsible, dot_precision, dy_epilogue, gemm_warps, input_rows, launch,
+from .common import (PIXEL_BLOCK, collapsible, dot_precision, dy_epilogue, input_rows, launch,
                      pixel_rows, pooled_bn_relu, pow2_block, ref_bn_relu, ref_relu_backward, row_align,
                      split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
 from .partials import new_stats_partials, store_tile_partials, sum_partials
@@ -33,9 +34,9 @@ from .partials import new_stats_partials, store_tile_partials, sum_partials
 _MAX_SPLITS = 64
 
 
-@triton.jit(do_not_specialize=["M", "n_ci_tiles"])
-def _conv1x1_bwd_data_kernel(
-    g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+@triton.jit
+def _data_grad(
+    pid, g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
     C_in, C_out, M, HW_out, W_out, n_ci_tiles,
     s_gn, s_gc, s_ghw, s_wo, s_wi,
     s_xn, s_xc, s_xh, s_xw, s_gxn, s_gxc, s_gxh, s_gxw,  # without POOL, the *w strides are the H*W strides
@@ -43,8 +44,9 @@ def _conv1x1_bwd_data_kernel(
     G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    pid_m = tl.program_id(0) // n_ci_tiles
-    offs_ci = (tl.program_id(0) % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    """Program ``pid`` of the data job: grad_x's tile and the tile's partial sums."""
+    pid_m = pid // n_ci_tiles
+    offs_ci = (pid % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = offs_ci < C_in
     p_ok, hw, _, g_rows = pixel_rows(pid_m, M, HW_out, s_gn, s_ghw, BLOCK_P, G_ALIGN)
     dot_dtype = w_ptr.dtype.element_ty
@@ -85,16 +87,17 @@ def _conv1x1_bwd_data_kernel(
     store_tile_partials(p_ptr, C_in, tl.cdiv(M, BLOCK_P), pid_m, offs_ci, ci_ok, sum_dy, sum_dy_xc)
 
 
-@triton.jit(do_not_specialize=["M", "n_ci_tiles", "n_co_tiles", "tiles_per_split", "total_tiles"])
-def _conv1x1_bwd_weight_kernel(
-    g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
+@triton.jit
+def _weight_grad(
+    pid, g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
     C_in, C_out, M, HW_out, W_out, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
     s_gn, s_gc, s_ghw, s_xn, s_xc, s_xh, s_xw,
     POOL: tl.constexpr, PRECISION: tl.constexpr, G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    tile = tl.program_id(0) % (n_ci_tiles * n_co_tiles)
-    split = tl.program_id(0) // (n_ci_tiles * n_co_tiles)
+    """Program ``pid`` of the weight job: one split's partial of a channel tile pair."""
+    tile = pid % (n_ci_tiles * n_co_tiles)
+    split = pid // (n_ci_tiles * n_co_tiles)
     offs_ci = (tile % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = (tile // n_ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = offs_ci < C_in
@@ -123,16 +126,42 @@ def _conv1x1_bwd_weight_kernel(
              mask=ci_ok[:, None] & co_ok[None, :])
 
 
-def _weight_grad_warps(precision: str, block_ci: int, block_co: int, pool: bool) -> int:
-    if pool or (precision != "ieee" and block_co < 128):
-        return 8
-    return gemm_warps(precision, block_ci * block_co)
+# One launch for both jobs: programs [0, n_data) run the data job, the rest the weight job (they
+# read the same grad_out and x and write disjoint outputs), at 8 warps and 3 stages. The data job
+# needs the 8 warps (its epilogue holds tiles of x and grad_x beside the accumulator: at 4 warps or
+# 64 output channels per step the tile spilled, ptxas -v, sm_90); so did the weight job's pooled
+# prologue (four input tiles: at 4 warps bf16 spilled 2 KB, Triton 3.6) and its tensor-core tiles
+# narrower than 128 output channels (at 4, ptxas serialized the pipelined wgmma of a 64 x 64 tile,
+# C7515); float32 without TF32 ran 64 x 128 FMA tiles at 8 (see common.gemm_warps).
+@triton.jit(do_not_specialize=["M", "n_data", "n_ci_tiles", "w_ci_tiles", "w_co_tiles", "tiles_per_split",
+                               "total_tiles"])
+def _conv1x1_bwd_kernel(
+    g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr, pgw_ptr,
+    C_in, C_out, M, HW_out, W_out, n_data, n_ci_tiles, w_ci_tiles, w_co_tiles, tiles_per_split, total_tiles,
+    s_gn, s_gc, s_ghw, s_wo, s_wi,
+    s_xn, s_xc, s_xh, s_xw, s_gxn, s_gxc, s_gxh, s_gxw,  # without POOL, the *w strides are the H*W strides
+    POOL: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    W_BLOCK_CI: tl.constexpr, W_BLOCK_CO: tl.constexpr, W_BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_data:
+        _data_grad(pid, g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+                   C_in, C_out, M, HW_out, W_out, n_ci_tiles, s_gn, s_gc, s_ghw, s_wo, s_wi,
+                   s_xn, s_xc, s_xh, s_xw, s_gxn, s_gxc, s_gxh, s_gxw,
+                   POOL, ACCUMULATE, PRECISION, G_ALIGN, X_ALIGN, BLOCK_P, BLOCK_CI, BLOCK_CO)
+    elif WEIGHT_GRAD:
+        _weight_grad(pid - n_data, g_ptr, x_ptr, scale_ptr, shift_ptr, pgw_ptr,
+                     C_in, C_out, M, HW_out, W_out, w_ci_tiles, w_co_tiles, tiles_per_split, total_tiles,
+                     s_gn, s_gc, s_ghw, s_xn, s_xc, s_xh, s_xw,
+                     POOL, PRECISION, G_ALIGN, X_ALIGN, W_BLOCK_CI, W_BLOCK_CO, W_BLOCK_P)
 
 
 def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
                      grad_x: Tensor, accumulate: bool, need_weight_grad: bool, pool: bool,
                      coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Launches both kernels and the one that finishes their partials; ``grad_x`` receives (or,
+    """Launches both jobs and the kernel that finishes their partials; ``grad_x`` receives (or,
     with ``accumulate``, gains) ``scale * dy``. With ``coef_sums`` = (coef_x, coef_c, fx, fc) that
     launch also adds ``fx * sum_dy_xc`` into ``coef_x`` and ``fc * sum_dy`` into ``coef_c``.
 
@@ -163,34 +192,28 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     g_align = row_align(grad_out)
     rows, n_ci_tiles = triton.cdiv(m, block_p), triton.cdiv(c_in, block_ci)
     partials = new_stats_partials(c_in, rows, x.device)
-    launch(_conv1x1_bwd_data_kernel)[(rows * n_ci_tiles,)](
-        grad_out, weight, x, scale, shift, center, target, partials,
-        c_in, c_out, m, ho * wo, wo, n_ci_tiles, s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
-        POOL=pool, ACCUMULATE=accumulate, PRECISION=precision,
-        G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
-        # 8 warps and 32 output channels per step: the epilogue holds tiles of x and grad_x beside
-        # the accumulator, and at 4 warps or 64 channels the tile spilled (ptxas -v, sm_90).
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32), num_warps=8, num_stages=3)
+    w_block_ci = pow2_block(c_in, 64, 64)  # wgmma's rows: at least 64
+    w_block_co = pow2_block(c_out, 16, 128)
+    w_block_p = weight_grad_pixel_block(precision)
+    total_tiles = triton.cdiv(m, w_block_p)
+    w_ci_tiles, w_co_tiles = triton.cdiv(c_in, w_block_ci), triton.cdiv(c_out, w_block_co)
+    splits, per_split = split_pixel_tiles(total_tiles, w_ci_tiles * w_co_tiles, _MAX_SPLITS)
+    if need_weight_grad:
+        pgw = torch.empty((splits, c_in, c_out), dtype=torch.float32, device=x.device)
+    else:
+        pgw, splits = partials, 0  # a placeholder pointer: no program runs the weight job
+    n_data = rows * n_ci_tiles
+    launch(_conv1x1_bwd_kernel)[(n_data + w_ci_tiles * w_co_tiles * splits,)](
+        grad_out, weight, x, scale, shift, center, target, partials, pgw,
+        c_in, c_out, m, ho * wo, wo, n_data, n_ci_tiles, w_ci_tiles, w_co_tiles, per_split, total_tiles,
+        s_gn, s_gc, s_ghw, weight.stride(0), weight.stride(1), *s_x, *s_gx,
+        POOL=pool, ACCUMULATE=accumulate, WEIGHT_GRAD=need_weight_grad, PRECISION=precision,
+        G_ALIGN=min(g_align, w_block_p), X_ALIGN=min(x_align, w_block_p),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 32),
+        W_BLOCK_CI=w_block_ci, W_BLOCK_CO=w_block_co, W_BLOCK_P=w_block_p, num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
-
     if need_weight_grad:
-        block_ci = pow2_block(c_in, 64, 64)  # wgmma's rows: at least 64
-        block_co = pow2_block(c_out, 16, 128)
-        block_p = weight_grad_pixel_block(precision)
-        total_tiles = triton.cdiv(m, block_p)
-        n_ci_tiles, n_co_tiles = triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co)
-        splits, per_split = split_pixel_tiles(total_tiles, n_ci_tiles * n_co_tiles, _MAX_SPLITS)
-        pgw = torch.empty((splits, c_in, c_out), dtype=torch.float32, device=x.device)
-        launch(_conv1x1_bwd_weight_kernel)[(n_ci_tiles * n_co_tiles * splits,)](
-            grad_out, x, scale, shift, pgw, c_in, c_out, m, ho * wo, wo, n_ci_tiles, n_co_tiles, per_split,
-            total_tiles, s_gn, s_gc, s_ghw, *s_x, POOL=pool, PRECISION=precision,
-            G_ALIGN=min(g_align, block_p), X_ALIGN=min(x_align, block_p),
-            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
-            # The pooled prologue holds four input tiles: at 4 warps bf16 spilled 2 KB (Triton 3.6).
-            # Tensor-core tiles narrower than 128 output channels take 8 warps too: at 4, ptxas
-            # serialized the pipelined wgmma of a 64 x 64 tile (C7515).
-            num_warps=_weight_grad_warps(precision, block_ci, block_co, pool), num_stages=3)
         sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype, acc)
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials, accumulate=acc)

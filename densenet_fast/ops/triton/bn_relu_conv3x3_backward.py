@@ -1,4 +1,4 @@
-"""Backward of the fused BN2-ReLU-conv3x3.
+"""Backward of the fused BN2-ReLU-conv3x3: two jobs in one launch (``_conv3x3_bwd_kernel``).
 
 * data: an implicit GEMM per (tile of the batch's pixels, input-channel tile) over 9 taps x output
   channels, reading ``grad_out`` shifted by (-dh, -dw) (the transposed convolution); the epilogue
@@ -33,16 +33,17 @@ from .partials import new_stats_partials, store_tile_partials, sum_partials
 _MAX_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["M", "n_ci_tiles"])
-def _conv3x3_bwd_data_kernel(
-    g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+@triton.jit
+def _data_grad(
+    pid, g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
     C_in, C_out, M, H, W, n_ci_tiles,
     s_gn, s_gc, s_ghw, s_wo, s_wi, s_wh, s_ww, s_zn, s_zc, s_zhw, s_gxn, s_gxc, s_gxhw,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, X_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    pid_m = tl.program_id(0) // n_ci_tiles
-    offs_ci = (tl.program_id(0) % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    """Program ``pid`` of the data job: grad_x's tile and the tile's partial sums."""
+    pid_m = pid // n_ci_tiles
+    offs_ci = (pid % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = offs_ci < C_in
     HW = H * W
     p_ok, hw, _, g_rows = pixel_rows(pid_m, M, HW, s_gn, s_ghw, BLOCK_P, 1)
@@ -95,16 +96,17 @@ def _store_tap(pgw_ptr, acc, offs_ci, offs_co, mask, C_out, TAP: tl.constexpr):
     tl.store(pgw_ptr + offs_ci[:, None] * (9 * C_out) + TAP * C_out + offs_co[None, :], acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "n_ci_tiles", "n_co_tiles", "tiles_per_split", "total_tiles"])
-def _conv3x3_bwd_weight_kernel(
-    g_ptr, z_ptr, scale_ptr, shift_ptr, pgw_ptr,
+@triton.jit
+def _weight_grad(
+    pid, g_ptr, z_ptr, scale_ptr, shift_ptr, pgw_ptr,
     C_in, C_out, M, H, W, n_ci_tiles, n_co_tiles, tiles_per_split, total_tiles,
     s_gn, s_gc, s_ghw, s_zn, s_zc, s_zhw,
     PRECISION: tl.constexpr, G_ALIGN: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    tile = tl.program_id(0) % (n_ci_tiles * n_co_tiles)
-    split = tl.program_id(0) // (n_ci_tiles * n_co_tiles)
+    """Program ``pid`` of the weight job: one split's nine tap partials of a channel tile pair."""
+    tile = pid % (n_ci_tiles * n_co_tiles)
+    split = pid // (n_ci_tiles * n_co_tiles)
     offs_ci = (tile % n_ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = (tile // n_ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = offs_ci < C_in
@@ -147,6 +149,32 @@ def _conv3x3_bwd_weight_kernel(
     _store_tap(base, a8, offs_ci, offs_co, mask, C_out, 8)
 
 
+# One launch for both jobs: programs [0, n_data) run the data job, the rest the weight job (they
+# read the same grad_out and z and write disjoint outputs). Both jobs were shaped for 8 warps and
+# 3 stages, which the launch shares.
+@triton.jit(do_not_specialize=["M", "n_data", "n_ci_tiles", "w_ci_tiles", "w_co_tiles", "tiles_per_split",
+                               "total_tiles"])
+def _conv3x3_bwd_kernel(
+    g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr, pgw_ptr,
+    C_in, C_out, M, H, W, n_data, n_ci_tiles, w_ci_tiles, w_co_tiles, tiles_per_split, total_tiles,
+    s_gn, s_gc, s_ghw, s_wo, s_wi, s_wh, s_ww, s_zn, s_zc, s_zhw, s_gxn, s_gxc, s_gxhw,
+    ACCUMULATE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    W_BLOCK_CI: tl.constexpr, W_BLOCK_CO: tl.constexpr, W_BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_data:
+        _data_grad(pid, g_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, center_ptr, gx_ptr, p_ptr,
+                   C_in, C_out, M, H, W, n_ci_tiles,
+                   s_gn, s_gc, s_ghw, s_wo, s_wi, s_wh, s_ww, s_zn, s_zc, s_zhw, s_gxn, s_gxc, s_gxhw,
+                   ACCUMULATE, PRECISION, X_ALIGN, BLOCK_P, BLOCK_CI, BLOCK_CO)
+    elif WEIGHT_GRAD:
+        _weight_grad(pid - n_data, g_ptr, z_ptr, scale_ptr, shift_ptr, pgw_ptr,
+                     C_in, C_out, M, H, W, w_ci_tiles, w_co_tiles, tiles_per_split, total_tiles,
+                     s_gn, s_gc, s_ghw, s_zn, s_zc, s_zhw, PRECISION, G_ALIGN, W_BLOCK_CI, W_BLOCK_CO, W_BLOCK_P)
+
+
 @torch.library.triton_op("densenet_fast_triton::bn_relu_conv3x3_backward", mutates_args={"grad_x"})
 def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
                              center: Tensor, grad_x: Tensor, accumulate: bool,
@@ -162,31 +190,31 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
     block_ci = pow2_block(c_in, 16, 64)
     rows, n_ci_tiles = triton.cdiv(m, block_p), triton.cdiv(c_in, block_ci)
     partials = new_stats_partials(c_in, rows, z.device)
-    launch(_conv3x3_bwd_data_kernel)[(rows * n_ci_tiles,)](
-        grad_out, weight, z, scale, shift, center, target, partials,
-        c_in, c_out, m, h, w, n_ci_tiles, *strides_nchw(grad_out), *weight.stride(), *strides_nchw(z),
-        *strides_nchw(target), ACCUMULATE=accumulate, PRECISION=precision,
-        X_ALIGN=min(row_align(z), row_align(target), block_p),
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64), num_warps=8, num_stages=3)
+    # The weight job: nine accumulators of w_block_ci x w_block_co: 64 rows for wgmma; an FMA dot
+    # (float32 without TF32) keeps its operands' slices in registers too: 64 x 32 tiles spilled
+    # 12 KB, 32 x 32 344 B, 16 x 32 none (sm_90, 8 warps).
+    w_block_ci = 16 if precision == "ieee" else 64
+    w_block_co = pow2_block(c_out, 16, 32)
+    w_block_p = weight_grad_pixel_block(precision)
+    total_tiles = triton.cdiv(m, w_block_p)
+    w_ci_tiles, w_co_tiles = triton.cdiv(c_in, w_block_ci), triton.cdiv(c_out, w_block_co)
+    splits, per_split = split_pixel_tiles(total_tiles, w_ci_tiles * w_co_tiles, _MAX_SPLITS)
+    if need_weight_grad:
+        pgw = torch.empty((splits, c_in * 9, c_out), dtype=torch.float32, device=z.device)
+    else:
+        pgw, splits = partials, 0  # a placeholder pointer: no program runs the weight job
+    n_data = rows * n_ci_tiles
+    launch(_conv3x3_bwd_kernel)[(n_data + w_ci_tiles * w_co_tiles * splits,)](
+        grad_out, weight, z, scale, shift, center, target, partials, pgw,
+        c_in, c_out, m, h, w, n_data, n_ci_tiles, w_ci_tiles, w_co_tiles, per_split, total_tiles,
+        *strides_nchw(grad_out), *weight.stride(), *strides_nchw(z), *strides_nchw(target),
+        ACCUMULATE=accumulate, WEIGHT_GRAD=need_weight_grad, PRECISION=precision,
+        X_ALIGN=min(row_align(z), row_align(target), block_p), G_ALIGN=min(row_align(grad_out), w_block_p),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=pow2_block(c_out, 16, 64),
+        W_BLOCK_CI=w_block_ci, W_BLOCK_CO=w_block_co, W_BLOCK_P=w_block_p, num_warps=8, num_stages=3)
     if target is not grad_x:
         grad_x.copy_(target)
-
     if need_weight_grad:
-        # Nine accumulators of block_ci x block_co: 64 rows for wgmma; an FMA dot (float32 without
-        # TF32) keeps its operands' slices in registers too: 64 x 32 tiles spilled 12 KB, 32 x 32
-        # 344 B, 16 x 32 none (sm_90, 8 warps).
-        block_ci = 16 if precision == "ieee" else 64
-        block_co = pow2_block(c_out, 16, 32)
-        block_p = weight_grad_pixel_block(precision)
-        total_tiles = triton.cdiv(m, block_p)
-        n_ci_tiles, n_co_tiles = triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co)
-        splits, per_split = split_pixel_tiles(total_tiles, n_ci_tiles * n_co_tiles, _MAX_SPLITS)
-        pgw = torch.empty((splits, c_in * 9, c_out), dtype=torch.float32, device=z.device)
-        launch(_conv3x3_bwd_weight_kernel)[(n_ci_tiles * n_co_tiles * splits,)](
-            grad_out, z, scale, shift, pgw, c_in, c_out, m, h, w, n_ci_tiles, n_co_tiles, per_split, total_tiles,
-            *strides_nchw(grad_out), *strides_nchw(z), PRECISION=precision,
-            G_ALIGN=min(row_align(grad_out), block_p), BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p,
-            num_warps=8, num_stages=3)
         sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype)
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials)
