@@ -19,7 +19,7 @@ Backward
 
     so the coefficients of every BN that read a channel are summed and applied to G once, when the
     walk reaches the layer that wrote the channel (all of its readers are done by then). The factors
-    ``-scale * invstd**2 / M`` and ``-scale / M`` of every BN come from a few ``_foreach`` ops per stage.
+    ``-scale * invstd**2 / M`` and ``-scale / M`` of every BN come from a few ops per stage (``_grad_factors``).
 
 Packed numbers
     Everything per channel of a stage lives in one flat tensor (:class:`Layout` says where): the batch
@@ -316,9 +316,6 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         buf = x
     else:
         buf = torch.empty((n, spec.channels, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-        buf[:, :c0].copy_(x)
-    if need_stats:
-        write_channels(0, backend.channel_stats(x))
 
     def stats_into(j: Optional[int], lo: int, count: int, weight=None, bias=None) -> Optional[StatsOut]:
         """Where an op writes the statistics of channels [lo, lo + count) of the rows (and, for norm j,
@@ -331,6 +328,16 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         s = lay.norms[j]  # a bottleneck's BN: its invstd is the rows' third, its shift follows its scale
         return StatsOut(rows[:, lo:lo + count], spec.eps[j], packed[s.scale:s.scale + 2 * count].view(2, count),
                         weight, bias)
+
+    # The input's channels enter the buffer as their statistics are taken (one read of x).
+    copy_to = buf[:, :c0] if num_layers > 0 else None
+    if need_stats:
+        into0 = stats_into(None, 0, c0)
+        x_stats = backend.channel_stats(x, into0, copy_to)
+        if into0 is None:
+            write_channels(0, x_stats)
+    elif copy_to is not None:
+        copy_to.copy_(x)
 
     masks, bottlenecks, z_slots, z_stats = [], [], [], []
     for i in range(num_layers):
@@ -387,16 +394,19 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     return out, saved, packed
 
 
-def _grad_factors(spec: StageSpec, coefs: Sequence[BNCoefs], count: Count) -> tuple[dict, dict]:
-    """Per batch-statistics BN j: kx[j] = -scale * invstd**2 / M and kc[j] = -scale / M (see the docstring)."""
+def _grad_factors(spec: StageSpec, packed: Tensor, count: Count) -> tuple[dict, dict]:
+    """Per batch-statistics BN j: kx[j] = -scale * invstd**2 / M and kc[j] = -scale / M (see the
+    docstring). kc is every packed number times -1/M and invstd**2 every packed number squared (one
+    op each, over a few thousand numbers, where per-BN lists cost a launch per 30 BNs): each BN's
+    factors are their views at its scale's and its invstd's slots, and kx one product per BN."""
     batch = spec.batch_norms()
     if not batch:
         return {}, {}
-    neg_inv_count = -1.0 / count
-    kc = torch._foreach_mul([coefs[j].scale for j in batch], neg_inv_count)
-    invstd = [coefs[j].invstd for j in batch]
-    kx = torch._foreach_mul(kc, invstd)
-    torch._foreach_mul_(kx, invstd)
+    kc_all = packed * (-1.0 / count) if isinstance(count, int) else packed / count.neg()
+    squares = packed * packed
+    slots = [spec.layout.norms[j] for j in batch]
+    kc = [kc_all[s.scale:s.scale + s.width] for s in slots]
+    kx = torch._foreach_mul(kc, [squares[s.invstd:s.invstd + s.width] for s in slots])
     return dict(zip(batch, kx)), dict(zip(batch, kc))
 
 
@@ -414,24 +424,23 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
     count = sync.total.to(packed.dtype) if sync is not None else n * h * w
     grads: list[Optional[Tensor]] = [None] * len(params)
     coefs = [coefs_of(packed, s) for s in lay.norms]
-    kx, kc = _grad_factors(spec, coefs, count)
+    kx, kc = _grad_factors(spec, packed, count)
     sums: dict[int, tuple[Tensor, Tensor]] = {}  # per norm: its local sum(dy), sum(dy * (x - center))
     mean = packed[:channels]
     reads_batch_stats = spec.reads_batch_stats()
     found_masks = iter(saved.masks)
     masks = [next(found_masks) if p > 0 else None for p in spec.drop_rates]  # per layer
     acc = None  # coef_x, coef_c of every buffer channel, summed over the BNs that read it
-    if reads_batch_stats and not (spec.has_transition and spec.batch_stats[-1]):
+    if reads_batch_stats:
         acc = torch.zeros((2, channels), dtype=packed.dtype, device=packed.device)
 
     if spec.has_transition:
         j, base = 2 * num_layers, num_layers * PARAMS_PER_LAYER
         bnt = coefs[j]
+        coef_sums = CoefSums(acc[0], acc[1], kx[j], kc[j]) if spec.batch_stats[j] else None
         r = backend.bn_relu_pool_conv1x1_backward(
-            grad_out, buf, bnt.scale, bnt.shift, params[base + 2], bnt.center, None, needs[base + 2])
+            grad_out, buf, bnt.scale, bnt.shift, params[base + 2], bnt.center, None, needs[base + 2], coef_sums)
         grad_buf, grads[base + 2], sums[j] = r.grad_x, r.grad_weight, (r.sum_dy, r.sum_dy_xc)
-        if spec.batch_stats[j]:
-            acc = torch.stack(torch._foreach_mul([kx[j], kc[j]], [r.sum_dy_xc, r.sum_dy]))
         del r
     else:
         grad_buf = torch.empty_like(buf)

@@ -1,4 +1,4 @@
-"""The producing ops write their statistics, invstd and the next BN's coefficients in place (the op
+"""channel_stats and the producing ops write their statistics, invstd and the next BN's coefficients in place (the op
 interface's StatsOut), on every backend: against float64 references, nothing outside the given
 slices written. The triton backend does it in the launch that finishes its statistics."""
 import pytest
@@ -96,3 +96,23 @@ def test_statistics_only_leave_the_coefficients_alone(backend):
     want_rows, _ = _expected(F.conv2d(y, weight.double(), padding=1), None, None)
     torch.testing.assert_close(rows.double(), want_rows, atol=atol, rtol=rtol)
     _assert_only_slices_written(packed, before, rows, rows)  # the coefficient block included
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_channel_stats_written_in_place_as_x_is_copied(backend, channels_last):
+    """A stage's input channels: mean, biased variance and invstd with the eps it is given, and x
+    copied into the first channels of the stage's buffer, nothing past them written."""
+    dtype, atol, rtol = TOLERANCE
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (3 * _seeded(3, 9, 5, 7, seed=21) + 2).to(dtype).contiguous(memory_format=fmt)[:, 1:8]
+    buf = _seeded(3, 11, 5, 7, seed=23).to(dtype).contiguous(memory_format=fmt)
+    buf_before = buf.clone()
+    packed, rows, _ = _packed(7, seed=22)
+    before = packed.clone()
+    assert backend_named(backend).channel_stats(x, StatsOut(rows, EPS), buf[:, :7]) == (None, None)
+    want_rows, _ = _expected(x.double(), None, None)
+    torch.testing.assert_close(rows.double(), want_rows, atol=atol, rtol=rtol)
+    _assert_only_slices_written(packed, before, rows, rows)
+    torch.testing.assert_close(buf[:, :7], x, atol=0, rtol=0)
+    torch.testing.assert_close(buf[:, 7:], buf_before[:, 7:], atol=0, rtol=0)

@@ -246,9 +246,10 @@ class CppBackend(Backend):
     def _fused(self, x: Tensor) -> bool:
         return self.fused_cpu and x.device.type == "cpu"
 
-    def channel_stats(self, x):
-        mean, var = _ops.channel_stats(_walkable(x) if x.dim() == 4 else x)
-        return mean, var
+    def channel_stats(self, x, stats_into=None, out=None):
+        if out is not None:
+            out.copy_(x)
+        return stats_result(*_ops.channel_stats(_walkable(x) if x.dim() == 4 else x), stats_into)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -295,13 +296,15 @@ class CppBackend(Backend):
             return self.composite.bn_relu_pool_conv1x1(x, scale, shift, weight)
         return _ops.bn_relu_pool_conv1x1(x, scale, shift, weight)
 
-    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                      coef_sums=None):
         if not self._fused(x):
-            return self.composite.bn_relu_pool_conv1x1_backward(
+            grads = self.composite.bn_relu_pool_conv1x1_backward(
                 grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad)
-        result = _ops.bn_relu_pool_conv1x1_backward(
-            _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad)
-        return self._grads(result, grad_x, need_weight_grad)
+        else:
+            grads = self._grads(_ops.bn_relu_pool_conv1x1_backward(
+                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad), grad_x, need_weight_grad)
+        return add_coef_sums(coef_sums, grads)
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         if factors is not None:

@@ -153,8 +153,12 @@ class Backend(ABC):
         """Raise a clear error if this backend cannot compute on tensors like ``x``."""
 
     @abstractmethod
-    def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and biased variance of ``x`` over N, H, W, in the statistics dtype."""
+    def channel_stats(self, x: Tensor, stats_into: Optional[StatsOut] = None, out: Optional[Tensor] = None
+                      ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-channel mean and biased variance of ``x`` over N, H, W, in the statistics dtype; with
+        ``stats_into`` written there with what follows (:class:`StatsOut`), and (None, None) returned.
+        With ``out`` (x's shape and dtype: the stage buffer's first channels) ``x`` is also copied
+        there; a backend that can does it while it reads ``x`` for the statistics."""
 
     @abstractmethod
     def bn_relu_conv1x1(
@@ -239,8 +243,9 @@ class Backend(ABC):
         center: Tensor,
         grad_x: Optional[Tensor],
         need_weight_grad: bool,
+        coef_sums: Optional[CoefSums] = None,
     ) -> ConvGrads:
-        """Backward of :meth:`bn_relu_pool_conv1x1`."""
+        """Backward of :meth:`bn_relu_pool_conv1x1`; ``coef_sums`` as in :meth:`bn_relu_conv1x1_backward`."""
 
     @abstractmethod
     def bn_grad_finalize(self, grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, ConvGrads, add_coef_sums, coefficients_first, memory_format, stats_dtype, stats_result
+from .interface import (Backend, ConvGrads, StatsOut, add_coef_sums, coefficients_first, memory_format, stats_dtype,
+                        stats_result)
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -106,10 +107,12 @@ class TorchBackend(Backend):
         if not x.is_floating_point():
             raise TypeError(f"backend 'torch' expects floating-point tensors, got {x.dtype}")
 
-    def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def channel_stats(self, x: Tensor, stats_into: Optional[StatsOut] = None, out: Optional[Tensor] = None):
+        if out is not None:
+            out.copy_(x)
         xs = x.to(stats_dtype(x.dtype))
         # Two-pass per-channel mean and biased variance, without touching any running stats.
-        return torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0)
+        return stats_result(*torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0), stats_into)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -119,7 +122,7 @@ class TorchBackend(Backend):
             _conv1x1(affine.relu(x[s]), weight, z[s])
         if not with_stats:
             return z, None, None
-        return (z, *stats_result(*self.channel_stats(z), stats_into))
+        return (z, *self.channel_stats(z, stats_into))
 
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
         affine = _Affine(scale, shift, z.dtype)
@@ -132,7 +135,7 @@ class TorchBackend(Backend):
             f.mul_(noise)
         out.copy_(f)
         # Statistics of the new channels while they are contiguous, before they sit in the buffer.
-        return stats_result(*self.channel_stats(f), stats_into) if with_stats else (None, None)
+        return self.channel_stats(f, stats_into) if with_stats else (None, None)
 
     def _prologue_backward(self, x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of):
         """Shared by the 1x1 convs: ``dy_of(grad_out_chunk, y, grad_w)`` gives the chunk's BN-output grad."""
@@ -191,12 +194,14 @@ class TorchBackend(Backend):
             _conv1x1(F.avg_pool2d(affine.relu(x[s]), 2), weight, out[s])
         return out
 
-    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                      coef_sums=None):
         def dy_of(s, y, grad_w):
             d_pooled = _conv1x1_backward(grad_out[s], F.avg_pool2d(y, 2), weight, grad_w)
             return torch.ops.aten.avg_pool2d_backward(d_pooled, y, [2, 2], [2, 2], [0, 0], False, True, None)
 
-        return self._prologue_backward(x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of)
+        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x,
+                                                                need_weight_grad, dy_of))
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         if factors is not None:

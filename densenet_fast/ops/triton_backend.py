@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .interface import Backend, CoefsFrom, ConvGrads, StatsOut
+from .interface import Backend, CoefSums, CoefsFrom, ConvGrads, StatsOut
 
 try:
     from .triton import (SUPPORTED_DTYPES, bn_coefficients, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
@@ -45,6 +45,16 @@ def _into(stats_into: Optional[StatsOut]) -> tuple:
         stats_into.eps
 
 
+def _sums(coef_sums: Optional[CoefSums]) -> Optional[tuple]:
+    """The kernels' (coef_x, coef_c, fx, fc) of a CoefSums: they add into the first two in place."""
+    if coef_sums is None:
+        return None
+    sums = tuple(_vec(t) for t in coef_sums)
+    if any(a is not b for a, b in zip(sums[:2], coef_sums[:2])):
+        raise ValueError("coef_sums' accumulators must be contiguous: the op adds into them in place")
+    return sums
+
+
 def _from(coefs_from: CoefsFrom) -> tuple:
     """The kernels' (mean, invstd, weight, bias, coefs) of a CoefsFrom: they write ``coefs`` in place."""
     return _vec(coefs_from.mean), _vec(coefs_from.invstd), _vec_or_none(coefs_from.weight), \
@@ -75,8 +85,9 @@ class TritonBackend(Backend):
             # Triton's interpreter returns wrong tl.dot results for bfloat16 operands.
             raise TypeError("backend 'triton' does not compute bfloat16 under Triton's interpreter; use CUDA")
 
-    def channel_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return channel_stats(x)
+    def channel_stats(self, x, stats_into=None, out=None):
+        mean, var = channel_stats(x, *(_into(stats_into) or (None, None, None, None, 0.0)), out)
+        return (mean, var) if stats_into is None else (None, None)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         # With coefs_from the kernel computes scale and shift itself (and writes them).
@@ -92,11 +103,8 @@ class TritonBackend(Backend):
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
                                  coef_sums=None):
-        sums = None if coef_sums is None else tuple(_vec(t) for t in coef_sums)
-        if sums and any(a is not b for a, b in zip(sums[:2], coef_sums[:2])):
-            raise ValueError("coef_sums' accumulators must be contiguous: the op adds into them in place")
         return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=False, extra=(sums,))
+                              need_weight_grad, zero_fill=False, extra=(_sums(coef_sums),))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
         return self._backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x,
@@ -107,12 +115,13 @@ class TritonBackend(Backend):
             return bn_relu_pool_conv1x1(x, None, None, weight, _from(coefs_from))
         return bn_relu_pool_conv1x1(x, _vec(scale), _vec(shift), weight)
 
-    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
+                                      coef_sums=None):
         # The last row/column of an odd-sized map feeds no pooling window: a new accumulator must
         # start from zeros there, so it starts from zeros and is accumulated into.
         odd = x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1
         return self._backward(bn_relu_pool_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=odd)
+                              need_weight_grad, zero_fill=odd, extra=(_sums(coef_sums),))
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         fx, fc = (None, None) if factors is None else (_vec(factors[0]), _vec(factors[1]))

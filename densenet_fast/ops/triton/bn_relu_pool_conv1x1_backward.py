@@ -17,16 +17,30 @@ from torch import Tensor
 from .bn_relu_conv1x1_backward import conv1x1_backward, conv1x1_backward_ref
 
 
-@torch.library.triton_op("densenet_fast_triton::bn_relu_pool_conv1x1_backward", mutates_args={"grad_x"})
+# No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them.
+@torch.library.triton_op("densenet_fast_triton::bn_relu_pool_conv1x1_backward",
+                         mutates_args={"grad_x", "coef_x", "coef_c"})
+def _bn_relu_pool_conv1x1_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                                      center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
+                                      coef_x: Optional[Tensor], coef_c: Optional[Tensor], fx: Optional[Tensor],
+                                      fc: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    sums = None if coef_x is None else (coef_x, coef_c, fx, fc)
+    return conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, True,
+                            sums)
+
+
 def bn_relu_pool_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                                  center: Tensor, grad_x: Tensor, accumulate: bool,
-                                  need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``).
+                                  center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
+                                  coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``);
+    ``coef_sums`` as in ``bn_relu_conv1x1_backward``.
 
     Without ``accumulate`` only the pixels under the pooling windows are written: the caller
     zeroes ``grad_x`` when H or W is odd.
     """
-    return conv1x1_backward(grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, True)
+    return _bn_relu_pool_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                             need_weight_grad, *(coef_sums or (None,) * 4))
 
 
 def bn_relu_pool_conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
