@@ -258,14 +258,17 @@ def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weigh
 
 
 def _reader_coefficients(backend: Backend, packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor],
-                         bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                         bias: Optional[Tensor], mean: Tensor, var: Tensor, to_biased: float,
                          running: Optional[tuple[Tensor, Tensor]]) -> tuple[BNCoefs, Optional[CoefsFrom]]:
     """A BN that reads the buffer, as :func:`_normalize`; when it normalizes with the buffer
     channels' shared batch statistics, its scale and shift are left to the op that applies them
-    (the returned CoefsFrom), which computes them in its own launch."""
+    (the returned CoefsFrom), which computes them in its own launch. ``var`` times ``to_biased`` is
+    the biased variance (the rows hold the unbiased one once the ops have written it)."""
     if running is None and not slots.own_invstd:
         bn = coefs_of(packed, slots)
         return bn, CoefsFrom(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
+    if running is None and to_biased != 1.0:  # a BN with an eps of its own
+        var = var * to_biased
     return _normalize(backend, packed, slots, eps, weight, bias, mean, var, running), None
 
 
@@ -339,12 +342,16 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
     elif copy_to is not None:
         copy_to.copy_(x)
 
+    # The ops write the unbiased variance into the rows (StatsOut); with synchronized statistics
+    # the rows hold the biased one until the end of the forward.
+    to_biased = 1.0 if sync is not None else (count - 1) / count
     masks, bottlenecks, z_slots, z_stats = [], [], [], []
     for i in range(num_layers):
         c = c0 + i * k
         w1, b1, conv1, w2, b2, conv2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
         j1, j2 = 2 * i, 2 * i + 1
         bn1, from1 = _reader_coefficients(backend, packed, lay.norms[j1], spec.eps[j1], w1, b1, mean[:c], var[:c],
+                                          to_biased,
                                           next_running(j1))
         batch2, slots2 = spec.batch_stats[j2], lay.norms[j2]
         into2 = stats_into(j2, slots2.stats, slots2.width, w2, b2) if batch2 else None
@@ -382,14 +389,13 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         wt, bt, convt = params[num_layers * PARAMS_PER_LAYER:]
         j = 2 * num_layers
         bnt, fromt = _reader_coefficients(backend, packed, lay.norms[j], spec.eps[j], wt, bt, mean[:spec.channels],
-                                          var[:spec.channels], next_running(j))
+                                          var[:spec.channels], to_biased, next_running(j))
         out = backend.bn_relu_pool_conv1x1(buf, bnt.scale, bnt.shift, convt, fromt)
     if z_slots:
         torch._foreach_copy_(z_slots, z_stats)
-    if any_batch:
-        # Running stats take the unbiased variance; nothing else reads this row.
-        total = sync.total if sync is not None else count
-        var.mul_(total / (total - 1))
+    if any_batch and sync is not None:
+        # Running stats take the unbiased variance; nothing else reads this row from here on.
+        var.mul_(sync.total / (sync.total - 1))
     saved = Saved(buf, packed, masks, bottlenecks) if for_backward else None
     return out, saved, packed
 

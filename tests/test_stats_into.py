@@ -35,7 +35,8 @@ def _expected(produced: torch.Tensor, weight, bias):
     invstd = (var + EPS).rsqrt()
     scale = invstd if weight is None else weight.double() * invstd
     shift = -mean * scale if bias is None else bias.double() - mean * scale
-    return torch.stack([mean, var, invstd]), torch.stack([scale, shift])
+    # The variance row holds the unbiased variance (running stats take it); invstd the biased one's.
+    return torch.stack([mean, produced.var((0, 2, 3), unbiased=True), invstd]), torch.stack([scale, shift])
 
 
 def _assert_only_slices_written(packed, before, rows, coefs):
@@ -101,7 +102,7 @@ def test_statistics_only_leave_the_coefficients_alone(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_channel_stats_written_in_place_as_x_is_copied(backend, channels_last):
-    """A stage's input channels: mean, biased variance and invstd with the eps it is given, and x
+    """A stage's input channels: mean, unbiased variance and invstd with the eps it is given, and x
     copied into the first channels of the stage's buffer, nothing past them written."""
     dtype, atol, rtol = TOLERANCE
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -249,7 +249,7 @@ class CppBackend(Backend):
     def channel_stats(self, x, stats_into=None, out=None):
         if out is not None:
             out.copy_(x)
-        return stats_result(*_ops.channel_stats(_walkable(x) if x.dim() == 4 else x), stats_into)
+        return stats_result(*_ops.channel_stats(_walkable(x) if x.dim() == 4 else x), stats_into, x)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -257,14 +257,14 @@ class CppBackend(Backend):
             z, mean, var = self.composite.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
         else:
             z, mean, var = _ops.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
-        return (z, *stats_result(mean, var, stats_into)) if with_stats else (z, None, None)
+        return (z, *stats_result(mean, var, stats_into, z)) if with_stats else (z, None, None)
 
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
         if not self._fused(z):
             mean, var = self.composite.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
         else:
             mean, var = _ops.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
-        return stats_result(mean, var, stats_into) if with_stats else (None, None)
+        return stats_result(mean, var, stats_into, out) if with_stats else (None, None)
 
     @staticmethod
     def _grads(result, grad_x: Optional[Tensor], need_weight_grad: bool) -> ConvGrads:

@@ -42,8 +42,9 @@ class ConvGrads(NamedTuple):
 class StatsOut(NamedTuple):
     """Where an op that produces a tensor writes its batch statistics and what follows from them.
 
-    ``stats`` is a (3, C) view whose rows receive the mean, the biased variance and
-    ``invstd = rsqrt(var + eps)`` of each produced channel; ``coefs``, when given, a (2, C) view
+    ``stats`` is a (3, C) view whose rows receive the mean, the *unbiased* variance (``M / (M - 1)``
+    times the biased one, over the M values of a channel: what running stats take) and ``invstd =
+    rsqrt(biased var + eps)`` of each produced channel; ``coefs``, when given, a (2, C) view
     whose rows receive the coefficients of the BN that reads those channels, ``scale = weight *
     invstd`` and ``shift = bias - mean * scale`` (``weight``/``bias`` None: 1 and 0). In the
     statistics dtype; rows may lie apart but each is contiguous (the stage's packed numbers). A
@@ -111,11 +112,13 @@ def rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
     out.rsqrt_()
 
 
-def write_stats(into: StatsOut, mean: Tensor, var: Tensor) -> None:
-    """Writes ``into`` from the batch statistics ``mean`` and biased ``var``, in PyTorch ops."""
+def write_stats(into: StatsOut, mean: Tensor, var: Tensor, count: int) -> None:
+    """Writes ``into`` from the batch statistics ``mean`` and biased ``var`` of ``count`` values per
+    channel, in PyTorch ops."""
     out_mean, out_var, invstd = into.stats.unbind()
-    torch._foreach_copy_([out_mean, out_var], [mean, var])
-    rsqrt_eps(out_var, into.eps, invstd)
+    out_mean.copy_(mean)
+    torch.mul(var, count / (count - 1) if count > 1 else float("nan"), out=out_var)
+    rsqrt_eps(var, into.eps, invstd)
     if into.coefs is not None:
         write_coefficients(out_mean, invstd, into.weight, into.bias, into.coefs)
 
@@ -135,11 +138,12 @@ def write_coefficients(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], b
         torch.addcmul(bias, mean, scale, value=-1, out=shift)
 
 
-def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut]):
-    """An op's returned statistics: ``(mean, var)``, or ``(None, None)`` once written into ``stats_into``."""
+def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut], produced: Tensor):
+    """An op's returned statistics of the tensor it ``produced``: ``(mean, var)``, or ``(None,
+    None)`` once written into ``stats_into``."""
     if stats_into is None:
         return mean, var
-    write_stats(stats_into, mean, var)
+    write_stats(stats_into, mean, var, produced.numel() // max(1, produced.shape[1]))
     return None, None
 
 

@@ -112,7 +112,7 @@ class TorchBackend(Backend):
             out.copy_(x)
         xs = x.to(stats_dtype(x.dtype))
         # Two-pass per-channel mean and biased variance, without touching any running stats.
-        return stats_result(*torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0), stats_into)
+        return stats_result(*torch.ops.aten.batch_norm_update_stats(xs, None, None, 0.0), stats_into, x)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         coefficients_first(self, coefs_from)

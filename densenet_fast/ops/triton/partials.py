@@ -80,8 +80,11 @@ def _stats_finalize_kernel(p_ptr, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shif
         m2 += axis_sum(tl.where(ok, q + count * d * d, 0.0), 1)
     var = m2 / total
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, var, mask=c_ok)
-    if DERIVED:
+    if not DERIVED:
+        tl.store(var_ptr + offs_c, var, mask=c_ok)
+    else:
+        # The statistics rows hold the unbiased variance, the one running stats take.
+        tl.store(var_ptr + offs_c, m2 / (total - 1.0), mask=c_ok)
         invstd = 1.0 / tl.sqrt_rn(var + eps)  # not the approximate rsqrt.approx
         tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
         if AFFINE:
@@ -96,9 +99,10 @@ def finalize_stats(partials: Tensor, m: int, tile_p: int, stats_into: Optional[T
     """Mean and biased variance (float32) over ``m`` rows from (2, C, R) partials of ``tile_p``-row tiles.
 
     With ``stats_into`` (the op interface's ``StatsOut``: a float32 (3, C) view of contiguous rows)
-    they are written there with invstd = rsqrt(var + eps) as the third row, and with
+    they are written there, the variance as the unbiased m / (m - 1) * var, with invstd =
+    rsqrt(var + eps) as the third row, and with
     ``coefs_into`` ((2, C)) the BN coefficients scale = weight * invstd, shift = bias - mean *
-    scale; the returned mean and var are then views of ``stats_into``.
+    scale; the returned mean and (unbiased) var are then views of ``stats_into``.
     """
     _, channels, rows = partials.shape
     if stats_into is None:
