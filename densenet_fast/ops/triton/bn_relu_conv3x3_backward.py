@@ -151,7 +151,8 @@ def _weight_grad(
 
 # One launch for both jobs: programs [0, n_data) run the data job, the rest the weight job (they
 # read the same grad_out and z and write disjoint outputs). Both jobs were shaped for 8 warps and
-# 3 stages, which the launch shares.
+# 3 stages, which the launch shares. The dispatch has the shape of bn_relu_conv1x1_backward's
+# (the same two-job pattern over another convolution's arguments): each kernel keeps its own jobs.
 @triton.jit(do_not_specialize=["M", "n_data", "n_ci_tiles", "w_ci_tiles", "w_co_tiles", "tiles_per_split",
                                "total_tiles"])
 def _conv3x3_bwd_kernel(

@@ -17,7 +17,9 @@ from torch import Tensor
 from .bn_relu_conv1x1_backward import conv1x1_backward, conv1x1_backward_ref
 
 
-# No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them.
+# No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them. The signature
+# twins bn_relu_conv1x1_backward's registered op on purpose: one registered op per interface
+# method (torch.compile and the profiles name the transition's), both calling conv1x1_backward.
 @torch.library.triton_op("densenet_fast_triton::bn_relu_pool_conv1x1_backward",
                          mutates_args={"grad_x", "coef_x", "coef_c"})
 def _bn_relu_pool_conv1x1_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
