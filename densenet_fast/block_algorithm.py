@@ -344,7 +344,7 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
 
     # The ops write the unbiased variance into the rows (StatsOut); with synchronized statistics
     # the rows hold the biased one until the end of the forward.
-    to_biased = 1.0 if sync is not None else (count - 1) / count
+    to_biased = (count - 1) / count if sync is None and count > 1 else 1.0  # (count <= 1: no batch statistics)
     masks, bottlenecks, z_slots, z_stats = [], [], [], []
     for i in range(num_layers):
         c = c0 + i * k

@@ -68,3 +68,10 @@ def test_stats_over_many_channels():
     mean_ref, var_ref = channel_stats_ref(x)
     torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(var, var_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_target_of_another_shape_is_refused():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"copies x into an out of its shape \(2, 3, 4, 5\)"):
+        channel_stats(x, out=torch.empty(2, 4, 4, 5, device=DEVICE))
