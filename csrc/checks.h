@@ -110,6 +110,8 @@ inline void check_same_shape(const at::Tensor& t, const char* name, at::IntArray
 
 // A conv weight: 4-D (out, in, k, k), the activations' dtype and device, contiguous.
 inline void check_conv_weight(const at::Tensor& weight, const at::Tensor& x, int64_t kernel) {
+  // (torch's own pooling refuses channel-less inputs too; the fused loops divide by the count)
+  TORCH_CHECK(x.size(1) > 0, "densenet_fast: expected 'x' with at least one channel, got shape ", x.sizes());
   check_4d(weight, "weight");
   check_same_device(weight, x, "weight", "x");
   TORCH_CHECK(weight.size(1) == x.size(1) && weight.size(2) == kernel && weight.size(3) == kernel,

@@ -384,6 +384,13 @@ def test_errors_name_what_was_expected():
                                      torch.empty(2, 6, 5, 5).contiguous(memory_format=torch.channels_last), False)
     with pytest.raises(RuntimeError, match="'grad_out' of shape"):
         ops.bn_relu_pool_conv1x1_backward(torch.randn(2, 4, 5, 5), x, scale, shift, w, center, None, False)
+    empty = x[:, :0]  # no channels: a clear error, not a division by zero in the fused loops
+    none = torch.empty(0)
+    for op, args in [(ops.bn_relu_conv1x1_backward, (torch.randn(2, 4, 5, 5), empty, none, none, w[:, :0], none, None,
+                                                     True)),
+                     (ops.bn_relu_conv1x1, (empty, none, none, w[:, :0], True))]:
+        with pytest.raises(RuntimeError, match=r"'x' with at least one channel, got shape \[2, 0, 5, 5\]"):
+            op(*args)
 
 
 def test_backend_rejects_what_it_cannot_compute():
