@@ -38,9 +38,9 @@ def _vec_or_none(t):
 
 def _into(stats_into: Optional[StatsOut]) -> tuple:
     """The ops' trailing arguments for a StatsOut: the statistics are finished, and the BN
-    coefficients computed, in the launch that finishes the op's partials."""
+    coefficients computed, in the launch that finishes the op's partials (their defaults without one)."""
     if stats_into is None:
-        return ()
+        return None, None, None, None, 0.0
     return stats_into.stats, stats_into.coefs, _vec_or_none(stats_into.weight), _vec_or_none(stats_into.bias), \
         stats_into.eps
 
@@ -86,14 +86,13 @@ class TritonBackend(Backend):
             raise TypeError("backend 'triton' does not compute bfloat16 under Triton's interpreter; use CUDA")
 
     def channel_stats(self, x, stats_into=None, out=None):
-        mean, var = channel_stats(x, *(_into(stats_into) or (None, None, None, None, 0.0)), out)
+        mean, var = channel_stats(x, *_into(stats_into), out)
         return (mean, var) if stats_into is None else (None, None)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         # With coefs_from the kernel computes scale and shift itself (and writes them).
         affine = (None, None) if coefs_from is not None else (_vec(scale), _vec(shift))
-        into = _into(stats_into) or (None, None, None, None, 0.0)
-        z, mean, var = bn_relu_conv1x1(x, *affine, weight, with_stats, *into,
+        z, mean, var = bn_relu_conv1x1(x, *affine, weight, with_stats, *_into(stats_into),
                                        coefs_from=None if coefs_from is None else _from(coefs_from))
         return (z, mean, var) if with_stats and stats_into is None else (z, None, None)
 
