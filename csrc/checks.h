@@ -71,6 +71,9 @@ inline ActivationLayout activation_layout(const at::Tensor& t, const char* name)
   TORCH_CHECK(pixel_stride == 1 || channel_stride == 1, "densenet_fast: expected '", name,
               "' in NCHW or channels_last layout (pixels or channels contiguous), got strides ", t.strides(),
               " for shape ", t.sizes());
+  // One pixel per image with its channels contiguous: walk it as channels_last (rows of channels,
+  // vectorized over them) rather than as rows of one pixel. The pixel stride is then never used.
+  if (pixels == 1 && channel_stride == 1) pixel_stride = std::max<int64_t>(2, t.size(1));
   return {t.size(0), t.size(1), pixels, t.stride(0), channel_stride, pixel_stride};
 }
 

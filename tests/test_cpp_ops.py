@@ -205,8 +205,9 @@ def test_bn_relu_conv1x1_many_tiles():
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_bn_relu_conv3x3(mode, dtype, atol, rtol, layout, with_noise):
-    n, c, h, w_ = 3, 14, 9, 7
+@pytest.mark.parametrize("hw", [(9, 7), (1, 1)])  # (1, 1): the center tap's GEMM (fused)
+def test_bn_relu_conv3x3(mode, dtype, atol, rtol, layout, with_noise, hw):
+    n, c, (h, w_) = 3, 14, hw
     z = buffer_slice((n, c, h, w_), dtype, layout, seed=30)
     scale, shift, _ = channel_vectors(c, dtype, seed=31)
     w = weight(5, c, 3, dtype, seed=32)
@@ -294,6 +295,21 @@ def test_conv1x1_backward_many_tiles_channels_last():
                                        True, seed=70)
     for actual, want in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), expected):
         assert_close(actual, want, 1e-10, 1e-9)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_conv3x3_backward_of_single_pixel_maps(dtype, atol, rtol, layout, accumulate):
+    """1x1 maps take the center tap's GEMMs: the same gradients as the 3x3 convolution, and
+    exactly zero weight gradients for the taps that only meet padding."""
+    result, _, expected = run_backward("fused", "conv3x3", dtype, layout, (5, 21, 1, 1), accumulate, True, seed=90)
+    for actual, want in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), expected):
+        assert_close(actual, want, atol, rtol)
+    off_center = torch.ones(3, 3, dtype=torch.bool)
+    off_center[1, 1] = False
+    assert result.grad_weight[:, :, off_center].abs().max() == 0
+    assert result.grad_weight[:, :, 1, 1].abs().max() > 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])
