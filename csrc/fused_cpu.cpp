@@ -7,7 +7,8 @@
 // so the only transient the size of the input is one tile per thread. Tiles are split into
 // one contiguous slot per thread; each slot keeps its partial sums (and weight gradient) and
 // the slots are merged in order, so results don't depend on scheduling. ATen's GEMM runs
-// single-threaded inside the slots (MKL/OpenBLAS don't nest inside an OpenMP region).
+// single-threaded inside the slots (MKL/OpenBLAS don't nest inside an OpenMP region), and on
+// all threads where a whole small batch is one tile (one slot, run by the caller).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -57,7 +58,7 @@ struct Tiles {
 
 // Tiles of about kTileElements, but at least kMinTilePixels pixels wide: narrower GEMMs (deep
 // layers have ~1000 channels) lose more to packing than the smaller buffer saves. Images smaller
-// than that are grouped, keeping a tile for each thread.
+// than that are grouped: all of them into one tile where they fit, else a tile for each thread.
 Tiles make_tiles(int64_t units, int64_t elements_per_unit, int64_t pixels_per_unit, int64_t batch) {
   const int64_t min_units = (kMinTilePixels + pixels_per_unit - 1) / pixels_per_unit;
   const int64_t per_tile =
@@ -65,7 +66,9 @@ Tiles make_tiles(int64_t units, int64_t elements_per_unit, int64_t pixels_per_un
   const int64_t per_image = std::max<int64_t>(1, (units + per_tile - 1) / per_tile);
   int64_t images = 1;
   if (per_image == 1 && units > 0 && units * batch <= per_tile) {
-    images = batch;  // EXPERIMENT: one tile, GEMM on all threads
+    // The whole batch fits one tile: one GEMM, run on all threads (outside any slot). Split
+    // into a tile per thread, each GEMM would read the whole weight for a few columns.
+    images = batch;
   } else if (per_image == 1 && units > 0 && batch > 1) {
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     images = std::max<int64_t>(1, std::min(per_tile / units, (batch + threads - 1) / threads));
