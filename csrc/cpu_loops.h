@@ -47,8 +47,14 @@ inline int64_t slot_count(int64_t work, int64_t min_per_slot) {
 // thread count only, never on scheduling.
 // The slots call ATen (GEMMs) on OpenMP worker threads, so they run under the caller's
 // thread-local state (grad and inference mode, dispatch-key guards), which OpenMP doesn't carry.
+// One slot runs on the calling thread outside any parallel region, so that the GEMMs in it
+// run on all threads (inside at::parallel_for, even inline, they run on one).
 template <typename F>
 void for_each_slot(int64_t total, int64_t num_slots, const F& body) {
+  if (num_slots == 1) {
+    body(0, 0, total);
+    return;
+  }
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_slots, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard state_guard(caller_state);
