@@ -31,6 +31,13 @@ std::tuple<Tensor, Tensor> bn_relu_backward_cpu_out(const Tensor& grad_y, const 
                                                     bool accumulate);
 void bn_grad_finalize_cpu(const Tensor& grad_x, const Tensor& x, const Tensor& center, const Tensor& coef_x,
                           const Tensor& coef_c);
+// A BN's (2, C) coefficients, scale = weight * invstd and shift = bias - mean * scale (weight,
+// bias undefined: 1 and 0); and the (3, C) statistics rows of a StatsOut (interface.py): mean,
+// unbiased variance of `count` values, rsqrt(biased var + eps), then the coefficients if asked.
+void bn_coefficients_cpu(const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                         const Tensor& coefs);
+void write_stats_cpu(const Tensor& stats, const Tensor& mean, const Tensor& var, int64_t count, double eps,
+                     const Tensor& weight, const Tensor& bias, const Tensor& coefs);
 
 // ---- Fused layer ops, CPU (fused_cpu.cpp) -------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,

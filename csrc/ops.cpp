@@ -9,7 +9,9 @@
 //  * primitives (CPU and CUDA): channel statistics, relu(x * scale + shift), the BN-ReLU
 //    backward (mask, reductions, accumulation) and the batch-statistics gradient term;
 //  * fused layer ops (CPU): BN-ReLU-conv1x1/conv3x3/pool-conv1x1 forward and backward, the
-//    prologue recomputed tile by tile next to ATen's GEMMs.
+//    prologue recomputed tile by tile next to ATen's GEMMs;
+//  * the per-BN numbers (CPU): a StatsOut's rows and a BN's coefficients in one loop each,
+//    where the same few PyTorch ops per BN cost more than the small layers' GEMMs.
 // Backward ops take an optional accumulator `grad_x` (mutated) and return a new gradient only
 // when it was None; outputs not asked for come back as empty tensors.
 #include <Python.h>
@@ -32,6 +34,42 @@ Tensor plain(const Tensor& t) { return t.detach(); }
 std::optional<Tensor> plain(const std::optional<Tensor>& t) {
   return t.has_value() ? std::optional<Tensor>(t->detach()) : std::nullopt;
 }
+
+// Rows of per-channel numbers written in place (a StatsOut's stats or coefs): `rows` x C, each
+// row contiguous, in the dtype of `mean` (the statistics dtype).
+void check_rows(const Tensor& t, const char* name, int64_t rows, const Tensor& mean) {
+  check_same_device(t, mean, name, "mean");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == mean.numel(), "densenet_fast: expected '", name,
+              "' of shape (", rows, ", ", mean.numel(), "), got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "densenet_fast: expected the rows of '", name,
+              "' to be contiguous, got strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == mean.scalar_type(), "densenet_fast: expected '", name, "' of dtype ",
+              mean.scalar_type(), " (the dtype of 'mean'), got ", t.scalar_type());
+}
+
+// Per-channel inputs of the coefficient ops: `mean` float32/float64, the others shaped like it.
+void check_stats_vectors(const Tensor& mean, std::initializer_list<std::pair<const Tensor*, const char*>> same,
+                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(mean.dim() == 1 && mean.is_contiguous(), "densenet_fast: expected 'mean' to be a contiguous vector, got shape ",
+              mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "densenet_fast: expected 'mean' of dtype float32 or float64, got ", mean.scalar_type());
+  for (const auto& [t, name] : same) {
+    check_same_device(*t, mean, name, "mean");
+    TORCH_CHECK(t->sizes() == mean.sizes() && t->is_contiguous() && t->scalar_type() == mean.scalar_type(),
+                "densenet_fast: expected '", name, "' like 'mean' (contiguous, shape ", mean.sizes(), ", dtype ",
+                mean.scalar_type(), "), got shape ", t->sizes(), " and dtype ", t->scalar_type());
+  }
+  for (const auto& [t, name] : {std::pair(&weight, "weight"), std::pair(&bias, "bias")}) {
+    if (!t->has_value()) continue;
+    check_same_device(**t, mean, name, "mean");
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == mean.numel() && at::isFloatingType((*t)->scalar_type()),
+                "densenet_fast: expected '", name, "' a floating vector of ", mean.numel(), " entries, got shape ",
+                (*t)->sizes(), " and dtype ", (*t)->scalar_type());
+  }
+}
+
+Tensor or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 bool built_with_cuda() {
 #ifdef DENSENET_FAST_WITH_CUDA
@@ -122,6 +160,24 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, con
     std::tie(sum_dy, sum_dy_xc) = bn_relu_backward_cpu_out(gy, x, scale, shift, center, target, accumulate);
   }
   return {accumulate ? at::empty({0}, x.options()) : target, sum_dy, sum_dy_xc};
+}
+
+void bn_coefficients_op(const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                        const std::optional<Tensor>& bias, const Tensor& coefs) {
+  NestedAtenCalls guard;
+  check_stats_vectors(mean, {{&invstd, "invstd"}}, weight, bias);
+  check_rows(coefs, "coefs", 2, mean);
+  bn_coefficients_cpu(mean, invstd, or_undefined(weight), or_undefined(bias), coefs);
+}
+
+void write_stats_op(const Tensor& stats, const Tensor& mean, const Tensor& var, int64_t count, double eps,
+                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                    const std::optional<Tensor>& coefs) {
+  NestedAtenCalls guard;
+  check_stats_vectors(mean, {{&var, "var"}}, weight, bias);
+  check_rows(stats, "stats", 3, mean);
+  if (coefs.has_value()) check_rows(*coefs, "coefs", 2, mean);
+  write_stats_cpu(stats, mean, var, count, eps, or_undefined(weight), or_undefined(bias), or_undefined(coefs));
 }
 
 void bn_grad_finalize_op(const Tensor& grad_x, const Tensor& x, const Tensor& center, const Tensor& coef_x,
@@ -218,6 +274,9 @@ TORCH_LIBRARY(densenet_fast, m) {
   m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor center, Tensor(a!)? grad_x)"
         " -> (Tensor new_grad_x, Tensor sum_dy, Tensor sum_dy_xc)");
   m.def("bn_grad_finalize(Tensor(a!) grad_x, Tensor x, Tensor center, Tensor coef_x, Tensor coef_c) -> ()");
+  m.def("bn_coefficients(Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor(a!) coefs) -> ()");
+  m.def("write_stats(Tensor(a!) stats, Tensor mean, Tensor var, int count, float eps, Tensor? weight, Tensor? bias,"
+        " Tensor(b!)? coefs) -> ()");
   m.def("bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool with_stats)"
         " -> (Tensor z, Tensor mean, Tensor var)");
   m.def("bn_relu_conv3x3(Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out, Tensor? noise,"
@@ -239,6 +298,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("affine_relu", &affine_relu_op);
   m.impl("bn_relu_backward", &bn_relu_backward_op);
   m.impl("bn_grad_finalize", &bn_grad_finalize_op);
+  m.impl("bn_coefficients", &bn_coefficients_op);
+  m.impl("write_stats", &write_stats_op);
   m.impl("bn_relu_conv1x1", &bn_relu_conv1x1_op);
   m.impl("bn_relu_conv3x3", &bn_relu_conv3x3_op);
   m.impl("bn_relu_conv1x1_backward", &bn_relu_conv1x1_backward_op);

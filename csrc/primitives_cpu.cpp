@@ -4,6 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
+#include <limits>
+
 #include "cpu_loops.h"
 #include "dense_ops.h"
 
@@ -234,6 +237,63 @@ void bn_grad_finalize_cpu(const Tensor& grad_x, const Tensor& x, const Tensor& c
                           const Tensor& coef_c) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_finalize_cpu",
                                   [&] { bn_grad_finalize_impl<scalar_t>(grad_x, x, center, coef_x, coef_c); });
+}
+
+// Row r of a (R, C) tensor whose rows are each contiguous.
+template <typename scalar_t>
+scalar_t* row_of(const Tensor& rows, int64_t r) {
+  return rows.mutable_data_ptr<scalar_t>() + r * rows.stride(0);
+}
+
+// A channel vector in the statistics dtype `like` has (the parameters may be another float type).
+Tensor as_stats_vector(const Tensor& v, const Tensor& like) {
+  return v.defined() ? v.to(like.scalar_type()).contiguous() : v;
+}
+
+// The same arithmetic, in the same order, as interface.write_coefficients' PyTorch ops.
+template <typename scalar_t>
+void coefficients_loop(const scalar_t* mean, const scalar_t* invstd, const Tensor& weight, const Tensor& bias,
+                       const Tensor& coefs, int64_t channels) {
+  const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* scale = row_of<scalar_t>(coefs, 0);
+  scalar_t* shift = row_of<scalar_t>(coefs, 1);
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t s = w ? w[c] * invstd[c] : invstd[c];
+    scale[c] = s;
+    shift[c] = b ? b[c] + scalar_t(-1) * mean[c] * s : -(mean[c] * s);
+  }
+}
+
+void bn_coefficients_cpu(const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                         const Tensor& coefs) {
+  const Tensor w = as_stats_vector(weight, mean), b = as_stats_vector(bias, mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_coefficients_cpu", [&] {
+    coefficients_loop<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(), w, b, coefs,
+                                mean.numel());
+  });
+}
+
+void write_stats_cpu(const Tensor& stats, const Tensor& mean, const Tensor& var, int64_t count, double eps,
+                     const Tensor& weight, const Tensor& bias, const Tensor& coefs) {
+  const int64_t channels = mean.numel();
+  const Tensor w = as_stats_vector(weight, mean), b = as_stats_vector(bias, mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "write_stats_cpu", [&] {
+    const scalar_t* m = mean.const_data_ptr<scalar_t>();
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    scalar_t* out_mean = row_of<scalar_t>(stats, 0);
+    scalar_t* out_var = row_of<scalar_t>(stats, 1);
+    scalar_t* invstd = row_of<scalar_t>(stats, 2);
+    const scalar_t unbiased = count > 1 ? static_cast<scalar_t>(static_cast<double>(count) / (count - 1))
+                                        : std::numeric_limits<scalar_t>::quiet_NaN();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < channels; ++c) {
+      out_mean[c] = m[c];
+      out_var[c] = v[c] * unbiased;
+      invstd[c] = scalar_t(1) / std::sqrt(v[c] + e);
+    }
+    if (coefs.defined()) coefficients_loop<scalar_t>(out_mean, invstd, w, b, coefs, channels);
+  });
 }
 
 }  // namespace densenet_fast

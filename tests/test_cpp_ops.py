@@ -19,6 +19,7 @@ if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
 
 from densenet_fast.ops import cpp_backend  # noqa: E402
 from densenet_fast.ops.cpp_backend import CppBackend, built_with_cuda  # noqa: E402
+from densenet_fast.ops.interface import StatsOut, write_stats  # noqa: E402
 
 ops = torch.ops.densenet_fast
 
@@ -377,6 +378,37 @@ def test_composite_chunks_are_few_and_exact(monkeypatch):
 # ---- argument checks ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("affine", ["none", "weight", "both"])
+@pytest.mark.parametrize("count", [37, 1])
+def test_write_stats_matches_its_pytorch_ops(dtype, atol, rtol, affine, count):
+    """The C++ rows of a StatsOut (one loop) against interface.write_stats' PyTorch ops, with the
+    rows apart in a packed tensor as the stage lays them out; count 1: an unbiased variance of NaN."""
+    g = torch.Generator().manual_seed(95)
+    c, width = 7, 11
+    mean = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    var = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.1
+    weight = torch.randn(c, generator=g).to(dtype) if affine != "none" else None
+    bias = torch.randn(c, generator=g).to(dtype) if affine == "both" else None
+    results = []
+    for write in ("cpp", "torch"):
+        packed = torch.full((5 * width,), 7.0, dtype=dtype)
+        rows = packed[:3 * width].view(3, width)[:, 2:2 + c]
+        coefs = packed[3 * width:3 * width + 2 * c].view(2, c)
+        into = StatsOut(rows, 1e-3, coefs, weight, bias)
+        if write == "cpp":
+            ops.write_stats(rows, mean, var, count, 1e-3, weight, bias, coefs)
+        else:
+            write_stats(into, mean, var, count)
+        results.append(packed)
+    torch.testing.assert_close(results[0], results[1], atol=atol, rtol=rtol, equal_nan=True)
+    written = torch.zeros(5 * width, dtype=torch.bool)
+    written[:3 * width].view(3, width)[:, 2:2 + c] = True
+    written[3 * width:3 * width + 2 * c] = True
+    assert results[0][~written].eq(7.0).all()  # nothing outside the rows
+    assert results[0][width + 2:width + 2 + c].isnan().all() == (count == 1)
+
+
 def test_errors_name_what_was_expected():
     x = buffer_slice((2, 6, 5, 5), torch.float32, "nchw", seed=80)
     scale, shift, center = channel_vectors(6, torch.float32, seed=81)
@@ -400,6 +432,15 @@ def test_errors_name_what_was_expected():
                                      torch.empty(2, 6, 5, 5).contiguous(memory_format=torch.channels_last), False)
     with pytest.raises(RuntimeError, match="'grad_out' of shape"):
         ops.bn_relu_pool_conv1x1_backward(torch.randn(2, 4, 5, 5), x, scale, shift, w, center, None, False)
+    mean, var = torch.rand(6), torch.rand(6)
+    with pytest.raises(RuntimeError, match=r"'stats' of shape \(3, 6\)"):
+        ops.write_stats(torch.empty(2, 6), mean, var, 10, 1e-5, None, None, None)
+    with pytest.raises(RuntimeError, match="the rows of 'coefs' to be contiguous"):
+        ops.write_stats(torch.empty(3, 6), mean, var, 10, 1e-5, None, None, torch.empty(6, 2).t())
+    with pytest.raises(RuntimeError, match="'var' like 'mean'"):
+        ops.write_stats(torch.empty(3, 6), mean, var.double(), 10, 1e-5, None, None, None)
+    with pytest.raises(RuntimeError, match="'weight' a floating vector of 6 entries"):
+        ops.bn_coefficients(mean, var, torch.ones(5), None, torch.empty(2, 6))
     empty = x[:, :0]  # no channels: a clear error, not a division by zero in the fused loops
     none = torch.empty(0)
     for op, args in [(ops.bn_relu_conv1x1_backward, (torch.randn(2, 4, 5, 5), empty, none, none, w[:, :0], none, None,

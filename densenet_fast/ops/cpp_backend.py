@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import load_extension
-from .interface import Backend, ConvGrads, add_coef_sums, coefficients_first, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, StatsOut, add_coef_sums, coefficients_first, stats_dtype, stats_result
 
 # Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
 # this reason) when the library is not built, or was built for another torch: then it is not even
@@ -86,6 +86,16 @@ def _bn_relu_backward_fake(grad_y, x, scale, shift, center, grad_x):
 
 @torch.library.register_fake("densenet_fast::bn_grad_finalize")
 def _bn_grad_finalize_fake(grad_x, x, center, coef_x, coef_c):
+    return None
+
+
+@torch.library.register_fake("densenet_fast::bn_coefficients")
+def _bn_coefficients_fake(mean, invstd, weight, bias, coefs):
+    return None
+
+
+@torch.library.register_fake("densenet_fast::write_stats")
+def _write_stats_fake(stats, mean, var, count, eps, weight, bias, coefs):
     return None
 
 
@@ -246,10 +256,24 @@ class CppBackend(Backend):
     def _fused(self, x: Tensor) -> bool:
         return self.fused_cpu and x.device.type == "cpu"
 
+    def _stats_result(self, mean: Tensor, var: Tensor, stats_into: Optional[StatsOut], produced: Tensor):
+        """interface.stats_result, with the rows written by one C++ op on CPU."""
+        if stats_into is None or not self._fused(produced):
+            return stats_result(mean, var, stats_into, produced)
+        s = stats_into
+        _ops.write_stats(s.stats, mean, var, produced.numel() // max(1, produced.shape[1]), s.eps, s.weight, s.bias,
+                         s.coefs)
+        return None, None
+
+    def bn_coefficients(self, mean, invstd, weight, bias, coefs):
+        if not self._fused(mean):
+            return super().bn_coefficients(mean, invstd, weight, bias, coefs)
+        _ops.bn_coefficients(mean, invstd, weight, bias, coefs)
+
     def channel_stats(self, x, stats_into=None, out=None):
         if out is not None:
             out.copy_(x)
-        return stats_result(*_ops.channel_stats(_walkable(x) if x.dim() == 4 else x), stats_into, x)
+        return self._stats_result(*_ops.channel_stats(_walkable(x) if x.dim() == 4 else x), stats_into, x)
 
     def bn_relu_conv1x1(self, x, scale, shift, weight, with_stats, stats_into=None, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -257,14 +281,14 @@ class CppBackend(Backend):
             z, mean, var = self.composite.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
         else:
             z, mean, var = _ops.bn_relu_conv1x1(x, scale, shift, weight, with_stats)
-        return (z, *stats_result(mean, var, stats_into, z)) if with_stats else (z, None, None)
+        return (z, *self._stats_result(mean, var, stats_into, z)) if with_stats else (z, None, None)
 
     def bn_relu_conv3x3(self, z, scale, shift, weight, out, noise, with_stats, stats_into=None):
         if not self._fused(z):
             mean, var = self.composite.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
         else:
             mean, var = _ops.bn_relu_conv3x3(z, scale, shift, weight, out, noise, with_stats)
-        return stats_result(mean, var, stats_into, out) if with_stats else (None, None)
+        return self._stats_result(mean, var, stats_into, out) if with_stats else (None, None)
 
     @staticmethod
     def _grads(result, grad_x: Optional[Tensor], need_weight_grad: bool) -> ConvGrads:
