@@ -152,20 +152,25 @@ struct SlotSums {
   std::vector<double> data;
   SlotSums(int64_t slots, int64_t c) : channels(c), data(2 * slots * c, 0.0) {}
   ChannelSums slot(int64_t s) { return {data.data() + 2 * s * channels, data.data() + (2 * s + 1) * channels}; }
+  // The sums over slots (in slot order, in double), as tensors of the statistics dtype.
   std::tuple<Tensor, Tensor> totals(const Tensor& x) const {
     const int64_t slots = static_cast<int64_t>(data.size()) / (2 * channels);
-    auto options = x.options().dtype(at::kDouble);
-    Tensor dy = at::zeros({channels}, options), dy_xc = at::zeros({channels}, options);
-    double* a = dy.mutable_data_ptr<double>();
-    double* b = dy_xc.mutable_data_ptr<double>();
-    for (int64_t s = 0; s < slots; ++s) {
+    auto options = x.options().dtype(stats_dtype(x.scalar_type()));
+    Tensor dy = at::empty({channels}, options), dy_xc = at::empty({channels}, options);
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "slot_sums_totals", [&] {
+      scalar_t* a = dy.mutable_data_ptr<scalar_t>();
+      scalar_t* b = dy_xc.mutable_data_ptr<scalar_t>();
       for (int64_t c = 0; c < channels; ++c) {
-        a[c] += data[2 * s * channels + c];
-        b[c] += data[(2 * s + 1) * channels + c];
+        double sum_a = 0, sum_b = 0;
+        for (int64_t s = 0; s < slots; ++s) {
+          sum_a += data[2 * s * channels + c];
+          sum_b += data[(2 * s + 1) * channels + c];
+        }
+        a[c] = static_cast<scalar_t>(sum_a);
+        b[c] = static_cast<scalar_t>(sum_b);
       }
-    }
-    const auto dtype = stats_dtype(x.scalar_type());
-    return {dy.to(dtype), dy_xc.to(dtype)};
+    });
+    return {dy, dy_xc};
   }
 };
 

@@ -195,16 +195,17 @@ std::vector<Moments<double>> channel_moments_cpu(const Tensor& x) {
 
 std::tuple<Tensor, Tensor> moments_to_stats(const std::vector<Moments<double>>& moments, const Tensor& like) {
   const int64_t channels = static_cast<int64_t>(moments.size());
-  auto options = like.options().dtype(at::kDouble).device(at::kCPU);
+  auto options = like.options().dtype(stats_dtype(like.scalar_type())).device(at::kCPU);
   Tensor mean = at::empty({channels}, options), var = at::empty({channels}, options);
-  double* m = mean.mutable_data_ptr<double>();
-  double* v = var.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < channels; ++c) {
-    m[c] = moments[c].mean;
-    v[c] = moments_variance(moments[c]);
-  }
-  const auto dtype = stats_dtype(like.scalar_type());
-  return {mean.to(dtype), var.to(dtype)};
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "moments_to_stats", [&] {
+    scalar_t* m = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* v = var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      m[c] = static_cast<scalar_t>(moments[c].mean);
+      v[c] = static_cast<scalar_t>(moments_variance(moments[c]));
+    }
+  });
+  return {mean, var};
 }
 
 std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) { return moments_to_stats(channel_moments_cpu(x), x); }
