@@ -314,6 +314,26 @@ def test_conv3x3_backward_of_single_pixel_maps(dtype, atol, rtol, layout, accumu
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv1x1_forward_many_tiles_float32(threads, layout):
+    """float32, several tiles per image, in one slot or in a slot per thread: against float64."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shape = (3, 300, 23, 21)
+        x = buffer_slice(shape, torch.float32, layout, seed=97)
+        scale, shift, _ = channel_vectors(shape[1], torch.float32, seed=98)
+        w = weight(10, shape[1], 1, torch.float32, seed=99)
+        z, mean, var = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
+        expected = ref_layer("conv1x1", ref_bn_relu(x, scale, shift), w.double())
+        assert_close(z, expected, 1e-4, 1e-4)
+        assert_close(mean, expected.mean((0, 2, 3)), 1e-4, 1e-4)
+        assert_close(var, expected.var((0, 2, 3), unbiased=False), 1e-4, 1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["conv1x1", "pool"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5)])
