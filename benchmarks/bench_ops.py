@@ -61,14 +61,11 @@ def layer() -> Layer:
 
 
 def _backend(name: str, layer: Layer):
-    densenet_fast.set_backend(name)
     try:
-        backend = backend_for(layer.x)
+        with densenet_fast.use_backend(name):
+            return backend_for(layer.x)
     except (TypeError, ValueError, RuntimeError) as err:
         pytest.skip(f"{name} cannot compute on {DEVICE} tensors: {err}")
-    finally:
-        densenet_fast.set_backend(None)
-    return backend
 
 
 def _bench(benchmark, group: str, fn) -> None:

@@ -174,9 +174,7 @@ def count_step_launches(model: nn.Module, x: torch.Tensor, backend: Optional[str
 
     if backend == "triton":
         _require_interpreter()
-    previous = densenet_fast.ops.get_backend_name()
-    densenet_fast.set_backend(backend)
-    try:
+    with densenet_fast.use_backend(backend):
         def step():
             for p in model.parameters():
                 p.grad = None
@@ -188,8 +186,6 @@ def count_step_launches(model: nn.Module, x: torch.Tensor, backend: Optional[str
                 step()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
-    finally:
-        densenet_fast.set_backend(previous)
     return _count_events(prof.events())
 
 

@@ -141,9 +141,9 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     for backend in args.backend:
-        densenet_fast.set_backend(backend)
         model = getattr(densenet_fast, args.model)()
-        by_category, by_name, no_op, detail = count_step(model, x)
+        with densenet_fast.use_backend(backend):
+            by_category, by_name, no_op, detail = count_step(model, x)
         print(f"{args.model} {args.size}x{args.size} batch {args.batch} float32, backend {backend}: "
               f"{sum(by_category.values())} aten ops per training step (+ {sum(no_op.values())} no-op dispatches)")
         for category, n in by_category.most_common():
@@ -153,7 +153,6 @@ def main() -> None:
         if args.detail:
             for (category, where, op), n in sorted(detail.items()):
                 print(f"    {category:18s} {where:45s} {op:30s} {n:5d}")
-    densenet_fast.set_backend(None)
     if args.no_torchvision:
         return
     import torchvision

@@ -9,7 +9,7 @@ from .distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from .fusion import FallbackError, get_fallback, reset_fallback_warnings, set_fallback
 from .memory import peak_memory
 from .models import DenseNet
-from .ops import available_backends, get_backend_name, set_backend
+from .ops import available_backends, get_backend_name, set_backend, use_backend
 
 # The builders carry torchvision's weight enums (for get_model_weights): importing torchvision costs
 # about 2 s, so builders.py loads on the first access to one of them.
@@ -17,7 +17,8 @@ _BUILDERS = ("densenet121", "densenet161", "densenet169", "densenet201", "densen
 
 __all__ = [
     "DenseNet", *_BUILDERS,
-    "convert", "convert_sync_batchnorm", "SyncBatchNorm2d", "reference", "peak_memory", "set_backend", "get_backend_name", "available_backends",
+    "convert", "convert_sync_batchnorm", "SyncBatchNorm2d", "reference", "peak_memory",
+    "set_backend", "use_backend", "get_backend_name", "available_backends",
     "set_fallback", "get_fallback", "reset_fallback_warnings", "FallbackError",
 ]
 __version__ = "0.1.0"

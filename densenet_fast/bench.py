@@ -231,14 +231,10 @@ class Pinned(nn.Module):
         self.model, self.backend = model, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops import get_backend_name, set_backend
+        from .ops import use_backend
 
-        previous = get_backend_name()
-        set_backend(self.backend)
-        try:
+        with use_backend(self.backend):
             return self.model(x)
-        finally:
-            set_backend(previous)
 
 
 def torchvision_model(model: Optional[str], depth: Optional[int], growth_rate: int = 12,

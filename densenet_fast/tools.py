@@ -133,12 +133,12 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
     an available backend that can't is skipped with a note on stderr when none was requested."""
     import sys
 
-    from .ops import available_backends, backend_for, get_backend_name, set_backend
+    from .ops import available_backends, backend_for, use_backend
 
-    previous = get_backend_name()
     for name in requested or []:
         try:
-            set_backend(name)
+            with use_backend(name):
+                pass
         except ValueError:  # not a backend of this package at all
             from .ops import _FACTORIES
 
@@ -146,23 +146,19 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
                              f"{', '.join(sorted(_FACTORIES))}") from None
         except RuntimeError as err:  # one of ours, not built or not loadable in this installation
             raise UsageError(f"{PROG}: error: {str(err).splitlines()[0]}") from None
-        finally:
-            set_backend(previous)
     names = requested or (available_backends() if every else [])
     usable = []
     probe = torch.empty(2, 1, 1, 1, device=device, dtype=dtype)
     for name in names:
         try:
-            set_backend(name)
-            backend_for(probe)
+            with use_backend(name):
+                backend_for(probe)
             usable.append(name)
         except (TypeError, ValueError, RuntimeError) as err:
             if requested:
                 raise UsageError(f"{PROG}: error: backend {name!r} does not compute on {dtype} tensors on "
                                  f"{device.type}: {str(err).splitlines()[0]}") from None
             print(f"{PROG}: skipping backend {name!r} for {dtype} on {device.type}: {err}", file=sys.stderr)
-        finally:
-            set_backend(previous)
     if every and not usable:
         raise UsageError(f"{PROG}: error: no densenet_fast backend computes on {dtype} tensors on {device.type}")
     return usable

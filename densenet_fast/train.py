@@ -10,6 +10,8 @@ it has at the checkpoint's epoch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import time
@@ -225,12 +227,12 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
     """Train ``run`` from its start epoch to ``config.epochs``; ``log`` gets one line per epoch and the result."""
     from tqdm import tqdm
 
-    from .ops import get_backend_name, set_backend
+    from .ops import use_backend
 
     config, model, optimizer, scaler = run.config, run.model, run.optimizer, run.scaler
-    previous_backend = get_backend_name()
+    pinned = contextlib.ExitStack()
     if config.backend is not None:
-        set_backend(config.backend)  # pinned for this run only
+        pinned.enter_context(use_backend(config.backend))  # pinned for this run only
     what = (f"DenseNet-BC depth {config.depth}, k {config.growth_rate}" if config.model == "densenet_bc"
             else config.model)
     if run.start_epoch:
@@ -295,8 +297,7 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
             log(f"nothing to train: the checkpoint is already at epoch {run.start_epoch} of {config.epochs}")
         log(f"test accuracy: {history[-1].test_accuracy if history else _evaluate(run):.4f}")
     finally:
-        if config.backend is not None:
-            set_backend(previous_backend)
+        pinned.close()
     return history
 
 

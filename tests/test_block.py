@@ -86,6 +86,24 @@ def test_block_rejects_bad_input():
         block(torch.randn(1, 3, 1, 1, dtype=torch.float64))
 
 
+def test_use_backend_pins_inside_the_block_and_restores_the_previous_pin():
+    assert densenet_fast.get_backend_name() is None
+    with densenet_fast.use_backend("torch"):
+        assert densenet_fast.get_backend_name() == "torch"
+        with densenet_fast.use_backend(None):  # automatic choice, inside a pin
+            assert densenet_fast.get_backend_name() is None
+        assert densenet_fast.get_backend_name() == "torch"
+        with pytest.raises(KeyError):
+            with densenet_fast.use_backend("torch"):
+                raise KeyError("the block failed")
+        assert densenet_fast.get_backend_name() == "torch"
+    assert densenet_fast.get_backend_name() is None
+    with pytest.raises(ValueError, match="unknown densenet_fast backend 'nope'"):
+        with densenet_fast.use_backend("nope"):
+            pass
+    assert densenet_fast.get_backend_name() is None
+
+
 def test_backend_selection(monkeypatch):
     assert "torch" in densenet_fast.available_backends()
     with pytest.raises(ValueError, match="unknown densenet_fast backend 'nope'"):

@@ -72,15 +72,12 @@ def test_training_step_of_a_stage_reads_nothing_back(backend, dtype, momentum, d
         pytest.skip(f"backend {backend} is not available here")
     blk, tr = _stage(momentum, dtype, device)
     x = torch.randn(2, 5, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
-    densenet_fast.set_backend(backend)
-    try:
+    with densenet_fast.use_backend(backend):
         recorder = _Recorder()
         with recorder:
             for _ in range(2):  # the second step updates running stats that are not fresh
                 out = dense_stage(x, blk.stage(tr))
                 out.backward(torch.ones_like(out))
-    finally:
-        densenet_fast.set_backend(None)
     # The op really ran (and was looked into): its bookkeeping went by.
     assert recorder.ops["densenet_fast.dense_stage"] == 2 and recorder.ops["densenet_fast.dense_stage_backward"] == 2
     assert recorder.ops["aten._foreach_lerp_"] >= 2 and x.grad is not None
@@ -94,15 +91,12 @@ def test_training_step_of_a_model_reads_nothing_back(backend):
     """The whole model under the profiler (a dispatch mode would make it run its modules)."""
     if backend not in densenet_fast.available_backends():
         pytest.skip(f"backend {backend} is not available here")
-    densenet_fast.set_backend(backend)
-    try:
+    with densenet_fast.use_backend(backend):
         model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True, drop_rate=0.1)
         x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         model(x).sum().backward()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(x).sum().backward()
-    finally:
-        densenet_fast.set_backend(None)
     names = collections.Counter(e.name for e in prof.events())
     assert names["densenet_fast::dense_stage"] == 2 and names["densenet_fast::dense_stage_backward"] == 2
     assert not {"aten::_local_scalar_dense", "aten::item"} & set(names)
@@ -112,16 +106,13 @@ def test_conv_weights_are_cast_once_per_step_under_autocast():
     blk, tr = _stage(dtype=torch.float32)
     x = torch.randn(2, 5, 6, 6, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     convs = [m.weight for m in list(blk.modules()) + list(tr.modules()) if isinstance(m, torch.nn.Conv2d)]
-    densenet_fast.set_backend("torch")
-    try:
+    with densenet_fast.use_backend("torch"):
         recorder = _Recorder()
         with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
             out = dense_stage(x, blk.stage(tr))
         assert out.dtype == torch.bfloat16
         with recorder:
             out.float().sum().backward()
-    finally:
-        densenet_fast.set_backend(None)
     weight_casts = collections.Counter(ptr for ptr, _, to in recorder.casts if to == torch.bfloat16)
     assert {w.data_ptr(): 1 for w in convs} == {ptr: n for ptr, n in weight_casts.items()
                                                  if ptr in {w.data_ptr() for w in convs}}

@@ -26,10 +26,9 @@ SMALL = dict(growth_rate=6, block_config=(3, 2), num_init_features=10, bn_size=2
 
 
 @pytest.fixture(autouse=True)
-def reset_backend():
-    densenet_fast.set_backend(None)
-    yield
-    densenet_fast.set_backend(None)
+def cpp_backend():
+    with densenet_fast.use_backend("cpp"):
+        yield
 
 
 def randomize_norms(model: torch.nn.Module, seed: int) -> None:
@@ -88,9 +87,10 @@ def input_batch(shape, seed, channels_last=False):
 
 def test_cpp_is_available_and_preferred_on_cpu():
     assert "cpp" in densenet_fast.available_backends()
-    assert registry.backend_for(torch.ones(1, 2, 3, 3)).name == "cpp"
-    # What it can't compute falls back to the portable backend.
-    assert registry.backend_for(torch.ones(1, 2, 3, 3, dtype=torch.bfloat16)).name == "torch"
+    with densenet_fast.use_backend(None):  # automatic choice inside this module's pin
+        assert registry.backend_for(torch.ones(1, 2, 3, 3)).name == "cpp"
+        # What it can't compute falls back to the portable backend.
+        assert registry.backend_for(torch.ones(1, 2, 3, 3, dtype=torch.bfloat16)).name == "torch"
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -98,14 +98,12 @@ def test_cpp_is_available_and_preferred_on_cpu():
 def test_training_step_matches_reference(channels_last, memory_efficient):
     fast, ref = model_pair(seed=1, memory_efficient=memory_efficient)
     x = input_batch((2, 3, 37, 35), seed=2, channels_last=channels_last)
-    densenet_fast.set_backend("cpp")
     assert_same_step(step(fast, x, 3), step(ref, x, 3))
 
 
 def test_small_inputs_batch_one_odd_sizes():
     fast, ref = model_pair(seed=4, small_inputs=True, growth_rate=5, block_config=(2, 3, 2), num_init_features=7)
     x = input_batch((1, 3, 11, 9), seed=5)
-    densenet_fast.set_backend("cpp")
     assert_same_step(step(fast, x, 6), step(ref, x, 6))
 
 
@@ -114,14 +112,12 @@ def test_eval_mode_uses_running_stats():
     fast.eval()
     ref.eval()
     x = input_batch((2, 3, 33, 31), seed=8)
-    densenet_fast.set_backend("cpp")
     assert_same_step(step(fast, x, 9), step(ref, x, 9))
 
 
 def test_dropout_with_the_same_seed():
     fast, ref = model_pair(seed=10, drop_rate=0.25)
     x = input_batch((2, 3, 29, 27), seed=11)
-    densenet_fast.set_backend("cpp")
     torch.manual_seed(12)
     fast_result = step(fast, x, 13)
     torch.manual_seed(12)
@@ -134,11 +130,10 @@ def test_device_composite_path_matches_reference(monkeypatch):
     monkeypatch.delitem(registry._instances, "cpp-composite", raising=False)
     fast, ref = model_pair(seed=14)
     x = input_batch((2, 3, 37, 35), seed=15, channels_last=True)
-    densenet_fast.set_backend("cpp-composite")
     try:
-        assert_same_step(step(fast, x, 16), step(ref, x, 16))
+        with densenet_fast.use_backend("cpp-composite"):
+            assert_same_step(step(fast, x, 16), step(ref, x, 16))
     finally:
-        densenet_fast.set_backend(None)
         registry._instances.pop("cpp-composite", None)
 
 
@@ -146,7 +141,6 @@ def test_float32_step_close_to_reference():
     fast, ref = model_pair(seed=17)
     fast, ref = fast.float(), ref.float()
     x = input_batch((2, 3, 37, 35), seed=18).float()
-    densenet_fast.set_backend("cpp")
     out, grad_x, grads, buffers = step(fast, x, 19)
     r_out, r_grad_x, r_grads, r_buffers = step(ref, x, 19)
     torch.testing.assert_close(out, r_out, atol=1e-4, rtol=1e-4)
@@ -162,7 +156,6 @@ def test_no_grad_and_inference_mode(train):
     fast.train(train)
     ref.train(train)
     x = input_batch((2, 3, 37, 35), seed=21)
-    densenet_fast.set_backend("cpp")
     with torch.no_grad():
         expected = ref(x)
         out = fast(x)

@@ -33,9 +33,8 @@ def backend(request):
     if request.param not in densenet_fast.available_backends():
         pytest.fail(f"backend {request.param!r} should be available on a CUDA machine: "
                     f"{densenet_fast.available_backends()}")
-    densenet_fast.set_backend(request.param)
-    yield request.param
-    densenet_fast.set_backend(None)
+    with densenet_fast.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture

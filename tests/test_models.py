@@ -13,9 +13,8 @@ def backend(request):
     """Every model test runs on each CPU backend (triton's model test runs in its interpreter)."""
     if request.param not in densenet_fast.available_backends():
         pytest.skip(f"backend {request.param!r} is not built in this installation")
-    densenet_fast.set_backend(request.param)
-    yield request.param
-    densenet_fast.set_backend(None)
+    with densenet_fast.use_backend(request.param):
+        yield request.param
 
 
 def _build(seed=0, dtype=torch.float64, **config):

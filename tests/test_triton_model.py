@@ -16,9 +16,8 @@ def triton_backend():
     # On a GPU the reference's cuDNN convolutions would use TF32 by default: compare full float32.
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    densenet_fast.set_backend("triton")
-    yield
-    densenet_fast.set_backend(None)
+    with densenet_fast.use_backend("triton"):
+        yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 

@@ -1,12 +1,14 @@
 """Backend registry: which implementation of the op interface (``interface.py``) runs a block.
 
-``set_backend(name)`` or the environment variable ``DENSENET_FAST_BACKEND`` pins one backend;
-otherwise the best backend available for the tensors' device is used.
+``set_backend(name)``, a ``with use_backend(name):`` block, or the environment variable
+``DENSENET_FAST_BACKEND`` pins one backend; otherwise the best backend available for the tensors'
+device is used.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -83,6 +85,19 @@ def set_backend(name: Optional[str]) -> None:
     if name is not None:
         _check_name(name)
     _selected = name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Pin the backend ``name`` (``None``: automatic choice) for the blocks run inside the ``with``
+    block; the pin that was there before (set_backend's or none) comes back after it, also on error."""
+    global _selected
+    previous = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _selected = previous
 
 
 def get_backend_name() -> Optional[str]:
