@@ -3,8 +3,8 @@
 // A tile is a run of pixels of one image, or several whole images where an image is smaller
 // than a tile (the small maps of late blocks: one GEMM over 4 images of 2x2 pixels runs about 9x
 // faster than four 4-column ones). Its normalized activations relu(x * scale + shift) are
-// written into a per-thread buffer of about kTileElements and multiplied through at::mm (the
-// float32 forward's parallel slots: oneDNN's 1x1 convolution, see onednn_forward),
+// written into a per-thread buffer of about kTileElements and multiplied through at::mm (in
+// float32 parallel slots, oneDNN's 1x1 convolution: see onednn_gemms),
 // so the only transient the size of the input is one tile per thread. Tiles are split into
 // one contiguous slot per thread; each slot keeps its partial sums (and weight gradient) and
 // the slots are merged in order, so results don't depend on scheduling. ATen's GEMM runs
@@ -127,15 +127,16 @@ void mm_into_tile(const Tensor& t, const ActivationLayout& l, int64_t n, int64_t
   for (int64_t i = 0; i < count; ++i) image_matrix(t, l, n + i).copy_(product.narrow(1, i * l.pixels, l.pixels));
 }
 
-// The float32 GEMMs of the forward's parallel slots run through oneDNN, as torchvision's
-// convolutions do, where PyTorch has it: a 1x1 convolution of a pixel-major tile (one image of
-// `length` pixels, channels_last) is its GEMM. On the 2-core AMD development machine, a thread
-// per slot, the forward op of DenseNet-121's 224x224 blocks ran 1.1-1.6x faster than with
-// at::mm (MKL), and whole fused stages 1-6% faster (interleaved in one process). Not for a single
-// slot (a small batch in one tile): its MKL GEMM runs on all threads and was faster there than
-// oneDNN, whose fixed cost per call dominates small GEMMs.
-bool onednn_forward(const Tensor& x) {
-  return x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+// The float32 GEMMs of parallel slots run through oneDNN, as torchvision's convolutions do,
+// where PyTorch has it: a 1x1 convolution of a pixel-major tile (one image of `length` pixels,
+// channels_last) is a GEMM. On the 2-core AMD development machine, a thread per slot, against
+// at::mm (MKL): the forward op of DenseNet-121's 224x224 blocks ran 1.1-1.6x faster (whole
+// fused stages 1-6%, interleaved in one process), the input gradient's GEMM 1.2-1.9x; the
+// weight gradient's was about even, so it stays with MKL. Not for a single slot (a small batch
+// in one tile): its MKL GEMM runs on all threads and was faster there than oneDNN, whose fixed
+// cost per call dominates small GEMMs.
+bool onednn_gemms(const Tensor& x, int64_t slots) {
+  return slots > 1 && x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
 // conv1x1 of a (length, C) pixel-major tile: the (length, out_channels) pixel-major product.
@@ -144,6 +145,12 @@ Tensor onednn_conv1x1(const Tensor& tile, const Tensor& weight) {
   Tensor image = tile.view({1, 1, length, channels}).permute({0, 3, 1, 2});  // 1 x C x 1 x length, channels_last
   Tensor out = at::mkldnn_convolution(image, weight, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
   return out.permute({0, 2, 3, 1}).reshape({length, weight.size(0)});
+}
+
+// The input gradient of a tile, out (C x length) = W^T @ go, through oneDNN: the 1x1
+// convolution of go's pixel-major transpose with `weight_t`, W^T as (C, Co, 1, 1).
+void onednn_grad_input(const Tensor& out, const Tensor& weight_t, const Tensor& go) {
+  out.copy_(onednn_conv1x1(go.t().contiguous(), weight_t).t());
 }
 
 // A thread's tile of normalized activations, C x length, laid out like the input walks
@@ -429,7 +436,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   // Per-tile moments of the output channels, merged in tile order.
   std::vector<Moments<double>> tile_moments(with_stats ? num_tiles * out_channels : 0, Moments<double>{0, 0, 0});
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = slots > 1 && onednn_forward(x);
+  const bool onednn = onednn_gemms(x, slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     for_each_slot(num_tiles, slots, [&](int64_t, int64_t begin, int64_t end) {
       TileBuffer buf(x, lx.channels_inner() || onednn, lx.channels, tiles.max_length());
@@ -480,6 +487,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(lx.pixels, lx.channels, 1, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
+  const bool onednn = onednn_gemms(x, slots);
+  const Tensor w_t = onednn ? w2d_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_cpu", [&] {
@@ -498,7 +507,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
           }
           add_matmul(weight_grads[s], go, act->matrix(images * length).t());
         }
-        tile_mm_out(dy.matrix(images * length), w2d_t, go);
+        if (onednn) {
+          onednn_grad_input(dy.matrix(images * length), w_t, go);
+        } else {
+          tile_mm_out(dy.matrix(images * length), w2d_t, go);
+        }
         for (int64_t i = 0; i < images; ++i) {
           if (accumulate) {
             backward_tile<true, scalar_t>(dy, x, lx, gx, lg, n + i, p0, length, scale, shift, center, slot_sums,
@@ -607,6 +620,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
+  const bool onednn = onednn_gemms(x, slots);
+  const Tensor wq_t = onednn ? w_quarter_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_backward_cpu", [&] {
@@ -628,7 +643,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
           }
           add_matmul(weight_grads[s], go, act->matrix(images * length).t());
         }
-        tile_mm_out(dpool.matrix(images * length), w_quarter_t, go);
+        if (onednn) {
+          onednn_grad_input(dpool.matrix(images * length), wq_t, go);
+        } else {
+          tile_mm_out(dpool.matrix(images * length), w_quarter_t, go);
+        }
         for (int64_t i = 0; i < images; ++i) {
           if (accumulate) {
             pooled_backward_tile<true, scalar_t>(dpool, scratch, x, lx, gx, lg, n + i, r0, r1, scale, shift, center,

@@ -315,8 +315,11 @@ def test_conv3x3_backward_of_single_pixel_maps(dtype, atol, rtol, layout, accumu
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_conv1x1_forward_many_tiles_float32(threads, layout):
-    """float32, several tiles per image, in one slot or in a slot per thread: against float64."""
+def test_many_tiles_float32(threads, layout):
+    """float32 over several tiles per image, in one slot or in a slot per thread (at 2 threads
+    the slots' forward and input-gradient GEMMs run through oneDNN where PyTorch has it): the
+    conv1x1 forward, and the conv1x1 and pooling backwards, against float64."""
+    atol, rtol = 1e-4, 1e-4
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -326,9 +329,15 @@ def test_conv1x1_forward_many_tiles_float32(threads, layout):
         w = weight(10, shape[1], 1, torch.float32, seed=99)
         z, mean, var = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
         expected = ref_layer("conv1x1", ref_bn_relu(x, scale, shift), w.double())
-        assert_close(z, expected, 1e-4, 1e-4)
-        assert_close(mean, expected.mean((0, 2, 3)), 1e-4, 1e-4)
-        assert_close(var, expected.var((0, 2, 3), unbiased=False), 1e-4, 1e-4)
+        assert_close(z, expected, atol, rtol)
+        assert_close(mean, expected.mean((0, 2, 3)), atol, rtol)
+        assert_close(var, expected.var((0, 2, 3), unbiased=False), atol, rtol)
+        for kind in ("conv1x1", "pool"):
+            for accumulate in (False, True):
+                result, _, want = run_backward("fused", kind, torch.float32, layout, shape, accumulate, True,
+                                               seed=100)
+                for actual, ref in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), want):
+                    assert_close(actual, ref, atol, rtol)
     finally:
         torch.set_num_threads(before)
 
