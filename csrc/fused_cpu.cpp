@@ -130,13 +130,17 @@ void mm_into_tile(const Tensor& t, const ActivationLayout& l, int64_t n, int64_t
 // The float32 GEMMs of parallel slots run through oneDNN, as torchvision's convolutions do,
 // where PyTorch has it: a 1x1 convolution of a pixel-major tile (one image of `length` pixels,
 // channels_last) is a GEMM. On the 2-core AMD development machine, a thread per slot, against
-// at::mm (MKL): the forward op of DenseNet-121's 224x224 blocks ran 1.1-1.6x faster (whole
-// fused stages 1-6%, interleaved in one process), the input gradient's GEMM 1.2-1.9x; the
+// at::mm (MKL): the forward op of DenseNet-121's 224x224 blocks ran 1.1-1.6x faster and the
+// input gradient's GEMM 1.2-1.9x (whole fused stages 5-10%, interleaved in one process); the
 // weight gradient's was about even, so it stays with MKL. Not for a single slot (a small batch
 // in one tile): its MKL GEMM runs on all threads and was faster there than oneDNN, whose fixed
-// cost per call dominates small GEMMs.
-bool onednn_gemms(const Tensor& x, int64_t slots) {
-  return slots > 1 && x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+// cost per call dominates small GEMMs. Nor for convolutions with fewer output channels than
+// kOneDnnMinOutChannels (DenseNet-BC k=12's 48-channel bottlenecks): their GEMMs ran about even,
+// and a DenseNet-BC-100 step with them through oneDNN 1.09x slower (one interleaved run).
+constexpr int64_t kOneDnnMinOutChannels = 64;
+bool onednn_gemms(const Tensor& x, int64_t slots, int64_t out_channels) {
+  return slots > 1 && out_channels >= kOneDnnMinOutChannels && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn();
 }
 
 // conv1x1 of a (length, C) pixel-major tile: the (length, out_channels) pixel-major product.
@@ -436,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   // Per-tile moments of the output channels, merged in tile order.
   std::vector<Moments<double>> tile_moments(with_stats ? num_tiles * out_channels : 0, Moments<double>{0, 0, 0});
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots);
+  const bool onednn = onednn_gemms(x, slots, out_channels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     for_each_slot(num_tiles, slots, [&](int64_t, int64_t begin, int64_t end) {
       TileBuffer buf(x, lx.channels_inner() || onednn, lx.channels, tiles.max_length());
@@ -487,7 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(lx.pixels, lx.channels, 1, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots);
+  const bool onednn = onednn_gemms(x, slots, out_channels);
   const Tensor w_t = onednn ? w2d_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
@@ -620,7 +624,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots);
+  const bool onednn = onednn_gemms(x, slots, out_channels);
   const Tensor wq_t = onednn ? w_quarter_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);

@@ -244,9 +244,9 @@ def test_bn_relu_pool_conv1x1(mode, dtype, atol, rtol, layout, shape):
     assert_close(out, expected, atol, rtol)
 
 
-def run_backward(mode, kind, dtype, layout, shape, accumulate, need_weight_grad, seed):
+def run_backward(mode, kind, dtype, layout, shape, accumulate, need_weight_grad, seed, out_channels=None):
     n, c, h, w_ = shape
-    out_c = {"conv1x1": 10, "conv3x3": 6, "pool": 8}[kind]
+    out_c = out_channels or {"conv1x1": 10, "conv3x3": 6, "pool": 8}[kind]
     x = buffer_slice(shape, dtype, layout, seed=seed)
     scale, shift, center = channel_vectors(c, dtype, seed=seed + 1)
     w = weight(out_c, c, 3 if kind == "conv3x3" else 1, dtype, seed=seed + 2)
@@ -316,9 +316,10 @@ def test_conv3x3_backward_of_single_pixel_maps(dtype, atol, rtol, layout, accumu
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_many_tiles_float32(threads, layout):
-    """float32 over several tiles per image, in one slot or in a slot per thread (at 2 threads
-    the slots' forward and input-gradient GEMMs run through oneDNN where PyTorch has it): the
-    conv1x1 forward, and the conv1x1 and pooling backwards, against float64."""
+    """float32 over several tiles per image, in one slot or in a slot per thread (at 2 threads,
+    with 64 output channels or more, the slots' forward and input-gradient GEMMs run through
+    oneDNN where PyTorch has it): the conv1x1 forward, and the conv1x1 and pooling backwards, with
+    10 and 72 output channels, against float64."""
     atol, rtol = 1e-4, 1e-4
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -326,18 +327,20 @@ def test_many_tiles_float32(threads, layout):
         shape = (3, 300, 23, 21)
         x = buffer_slice(shape, torch.float32, layout, seed=97)
         scale, shift, _ = channel_vectors(shape[1], torch.float32, seed=98)
-        w = weight(10, shape[1], 1, torch.float32, seed=99)
-        z, mean, var = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
-        expected = ref_layer("conv1x1", ref_bn_relu(x, scale, shift), w.double())
-        assert_close(z, expected, atol, rtol)
-        assert_close(mean, expected.mean((0, 2, 3)), atol, rtol)
-        assert_close(var, expected.var((0, 2, 3), unbiased=False), atol, rtol)
-        for kind in ("conv1x1", "pool"):
-            for accumulate in (False, True):
-                result, _, want = run_backward("fused", kind, torch.float32, layout, shape, accumulate, True,
-                                               seed=100)
-                for actual, ref in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), want):
-                    assert_close(actual, ref, atol, rtol)
+        for out_c in (10, 72):
+            w = weight(out_c, shape[1], 1, torch.float32, seed=99)
+            z, mean, var = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
+            expected = ref_layer("conv1x1", ref_bn_relu(x, scale, shift), w.double())
+            assert_close(z, expected, atol, rtol)
+            assert_close(mean, expected.mean((0, 2, 3)), atol, rtol)
+            assert_close(var, expected.var((0, 2, 3), unbiased=False), atol, rtol)
+            for kind in ("conv1x1", "pool"):
+                for accumulate in (False, True):
+                    result, _, want = run_backward("fused", kind, torch.float32, layout, shape, accumulate, True,
+                                                   seed=100, out_channels=out_c)
+                    for actual, ref in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc),
+                                           want):
+                        assert_close(actual, ref, atol, rtol)
     finally:
         torch.set_num_threads(before)
 
