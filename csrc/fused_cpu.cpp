@@ -621,12 +621,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const int64_t out_height = x.size(2) / 2, out_width = x.size(3) / 2, out_channels = weight.size(0);
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   // avg_pool2d's backward divides by 4: folded into the weight (exact, a power of two).
-  const Tensor w_quarter_t = w2d.mul(0.25).t();
+  const Tensor w_quarter_t = w2d.t().contiguous().mul_(0.25);
   const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
   const bool onednn = onednn_gemms(x, slots, out_channels);
-  const Tensor wq_t = onednn ? w_quarter_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
+  const Tensor wq_t = onednn ? w_quarter_t.view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_backward_cpu", [&] {

@@ -54,12 +54,7 @@ void check_stats_vectors(const Tensor& mean, std::initializer_list<std::pair<con
               mean.sizes());
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
               "densenet_fast: expected 'mean' of dtype float32 or float64, got ", mean.scalar_type());
-  for (const auto& [t, name] : same) {
-    check_same_device(*t, mean, name, "mean");
-    TORCH_CHECK(t->sizes() == mean.sizes() && t->is_contiguous() && t->scalar_type() == mean.scalar_type(),
-                "densenet_fast: expected '", name, "' like 'mean' (contiguous, shape ", mean.sizes(), ", dtype ",
-                mean.scalar_type(), "), got shape ", t->sizes(), " and dtype ", t->scalar_type());
-  }
+  for (const auto& [t, name] : same) check_channel_vector(*t, name, mean, mean.numel());
   for (const auto& [t, name] : {std::pair(&weight, "weight"), std::pair(&bias, "bias")}) {
     if (!t->has_value()) continue;
     check_same_device(**t, mean, name, "mean");

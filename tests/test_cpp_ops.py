@@ -469,7 +469,7 @@ def test_errors_name_what_was_expected():
         ops.write_stats(torch.empty(2, 6), mean, var, 10, 1e-5, None, None, None)
     with pytest.raises(RuntimeError, match="the rows of 'coefs' to be contiguous"):
         ops.write_stats(torch.empty(3, 6), mean, var, 10, 1e-5, None, None, torch.empty(6, 2).t())
-    with pytest.raises(RuntimeError, match="'var' like 'mean'"):
+    with pytest.raises(RuntimeError, match="'var' of dtype Float"):
         ops.write_stats(torch.empty(3, 6), mean, var.double(), 10, 1e-5, None, None, None)
     with pytest.raises(RuntimeError, match="'weight' a floating vector of 6 entries"):
         ops.bn_coefficients(mean, var, torch.ones(5), None, torch.empty(2, 6))
