@@ -206,7 +206,8 @@ def test_bn_relu_conv1x1_many_tiles():
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_noise", [False, True])
-@pytest.mark.parametrize("hw", [(9, 7), (1, 1)])  # (1, 1): the center tap's GEMM (fused)
+# Maps of at most 2x2 pixels: the fused op's small-map GEMM (the center tap alone for 1x1).
+@pytest.mark.parametrize("hw", [(9, 7), (1, 1), (2, 2), (2, 1), (1, 2)])
 def test_bn_relu_conv3x3(mode, dtype, atol, rtol, layout, with_noise, hw):
     n, c, (h, w_) = 3, 14, hw
     z = buffer_slice((n, c, h, w_), dtype, layout, seed=30)
@@ -301,16 +302,32 @@ def test_conv1x1_backward_many_tiles_channels_last():
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_conv3x3_backward_of_single_pixel_maps(dtype, atol, rtol, layout, accumulate):
-    """1x1 maps take the center tap's GEMMs: the same gradients as the 3x3 convolution, and
-    exactly zero weight gradients for the taps that only meet padding."""
-    result, _, expected = run_backward("fused", "conv3x3", dtype, layout, (5, 21, 1, 1), accumulate, True, seed=90)
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_conv3x3_backward_of_small_maps(dtype, atol, rtol, layout, accumulate, hw):
+    """Maps of at most 2x2 pixels take the small-map GEMMs: the same gradients as the 3x3
+    convolution, and exactly zero weight gradients for the taps that only meet padding."""
+    result, _, expected = run_backward("fused", "conv3x3", dtype, layout, (5, 21) + hw, accumulate, True, seed=90)
     for actual, want in zip((result.grad_x, result.grad_weight, result.sum_dy, result.sum_dy_xc), expected):
         assert_close(actual, want, atol, rtol)
-    off_center = torch.ones(3, 3, dtype=torch.bool)
-    off_center[1, 1] = False
-    assert result.grad_weight[:, :, off_center].abs().max() == 0
-    assert result.grad_weight[:, :, 1, 1].abs().max() > 0
+    taps = torch.arange(3)
+    meets_pixels = ((taps - 1).abs() < hw[0]).view(3, 1) & ((taps - 1).abs() < hw[1]).view(1, 3)
+    if not meets_pixels.all():
+        assert result.grad_weight[:, :, ~meets_pixels].abs().max() == 0
+    assert (result.grad_weight[:, :, meets_pixels].abs().amax(dim=(0, 1)) > 0).all()
+
+
+@pytest.mark.parametrize("need_weight_grad", [False, True])
+def test_conv3x3_backward_over_several_chunks(need_weight_grad):
+    """A batch over one chunk of normalized activations (2M elements) computes the input gradient
+    whole and the weight gradient chunk by chunk; within one chunk both come from one call."""
+    result, _, expected = run_backward("fused", "conv3x3", torch.float64, "nchw", (3, 8, 300, 300), True,
+                                       need_weight_grad, seed=95)
+    assert_close(result.grad_x, expected[0], 1e-10, 1e-9)
+    if need_weight_grad:
+        assert_close(result.grad_weight, expected[1], 1e-10, 1e-9)
+    else:
+        assert result.grad_weight is None
+    assert_close(result.sum_dy_xc, expected[3], 1e-10, 1e-9)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
