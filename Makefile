@@ -5,10 +5,11 @@ STAMP := $(VENV)/.installed
 # matplotlib and scikit-learn: the [cli] extra (train, --plot), which demo and the tests use;
 # build, wheel and setuptools>=77: .ci/run builds the sdist and wheel with this venv's torch.
 # onnx, onnxscript, onnxruntime: the ONNX export tests (classic and dynamo) run the exported model.
+# ruff: `make lint` (its rules are in pyproject.toml; pinned, since a new release adds findings).
 PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm \
-	build wheel 'setuptools>=77' onnx onnxscript onnxruntime
+	build wheel 'setuptools>=77' onnx onnxscript onnxruntime ruff==0.17.6
 
-.PHONY: demo test bench test-torch2.11
+.PHONY: demo test lint bench test-torch2.11
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/core_benchmark.py

@@ -25,7 +25,8 @@ import json
 import statistics
 import time
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torchvision
@@ -110,12 +111,12 @@ def kernels_and_busy_share(model: nn.Module, x: torch.Tensor, autocast_dtype) ->
 def format_results(results: list[StepResult], extras: dict[str, tuple[str, str, str]], precision: str) -> str:
     by_name = {r.name: r for r in results}
     tv, tv_me = by_name.get(TV), by_name.get(TV_ME)
-    lines = ["| model | peak memory | vs tv | vs tv mem-eff | step time | vs tv | vs tv mem-eff | CUDA graph step | "
-             "kernels per step | GPU busy | targets |",
+    lines = [("| model | peak memory | vs tv | vs tv mem-eff | step time | vs tv | vs tv mem-eff | CUDA graph step | "
+              "kernels per step | GPU busy | targets |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        def ratio(base, attr):
-            return f"{getattr(r, attr) / getattr(base, attr):.3f}x" if base is not None else "-"
+        def ratio(base, attr):  # called only within this iteration, for this r
+            return f"{getattr(r, attr) / getattr(base, attr):.3f}x" if base is not None else "-"  # noqa: B023
         targets = check_targets(r, tv, tv_me, precision) if r.name.startswith("densenet_fast") and tv else ""
         graph, kernels, busy = extras.get(r.name, ("-", "-", "-"))
         lines.append(f"| {r.name} | {r.peak_bytes / MiB:.1f} MiB | {ratio(tv, 'peak_bytes')} | "
@@ -187,13 +188,15 @@ def main() -> None:
             raise SystemExit("no CUDA device (use --cpu-smoke to check the script on CPU)")
         device = torch.device("cuda")
         workloads = [("DenseNet-121", lambda me: torchvision.models.densenet121(memory_efficient=me), 64, 224),
-                     ("DenseNet-BC-100 (k=12)", lambda me: torchvision_densenet_bc(100, 12, memory_efficient=me), 64, 32)]
+                     ("DenseNet-BC-100 (k=12)", lambda me: torchvision_densenet_bc(100, 12, memory_efficient=me),
+                      64, 32)]
     precisions = [("bf16 autocast", torch.bfloat16), ("float32", None)]  # bf16 first: the headline
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: plumbing only)"
     log(f"\n## Benchmarks on {name}\n\ntorch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"densenet_fast backends {densenet_fast.available_backends()}; float32 like for like, TF32 "
         f"{'on both sides' if args.tf32 == 'on' else 'off on both sides'} (matmul, which the triton backend follows: "
-        f"{torch.backends.cuda.matmul.allow_tf32}; cuDNN, torchvision's convolutions: {torch.backends.cudnn.allow_tf32}); "
+        f"{torch.backends.cuda.matmul.allow_tf32}; cuDNN, torchvision's convolutions: "
+        f"{torch.backends.cudnn.allow_tf32}); "
         f"{args.rounds} timed rounds (median)\n")
 
     for title, make_tv, batch, size in workloads:

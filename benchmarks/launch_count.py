@@ -35,15 +35,16 @@ import argparse
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend on CPU tensors
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,7 +73,7 @@ class LaunchCount:
         return sum(self.ops.values()) + sum(self.triton.values())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _is_view(qualified: str) -> bool:
     """Whether every tensor that any overload of op ``ns::name`` returns is an alias of an input
     that the op does not write (a view, or the input itself)."""

@@ -42,18 +42,18 @@ from pathlib import Path
 # Kernels are compiled (not interpreted) only if TRITON_INTERPRET is off when they are decorated.
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import densenet_fast  # noqa: E402
-from densenet_fast.ops import register_backend  # noqa: E402
-from densenet_fast.ops.triton import SUPPORTED_DTYPES  # noqa: E402
-from densenet_fast.ops.triton_backend import TritonBackend  # noqa: E402
-from sass_facts import SassFacts, kernel_facts  # noqa: E402
+import densenet_fast
+from densenet_fast.ops import register_backend
+from densenet_fast.ops.triton import SUPPORTED_DTYPES
+from densenet_fast.ops.triton_backend import TritonBackend
+from sass_facts import SassFacts, kernel_facts
 
 
 class TargetOnlyDriver:
@@ -123,7 +123,8 @@ def install(arch: int, with_resources: bool = False) -> None:
         consts = ", ".join(f"{self.params[k[0]].name if len(k) == 1 else k}={v}" for k, v in constexprs.items())
         # Integer arguments specialized as multiples of 16 (what lets masks and loads vectorize).
         div16 = [self.params[k[0]].name for k, v in attrs.items()
-                 if len(k) == 1 and ["tt.divisibility", 16] in v and not str(signature.get(self.params[k[0]].name)).startswith("*")]
+                 if len(k) == 1 and ["tt.divisibility", 16] in v
+                 and not str(signature.get(self.params[k[0]].name)).startswith("*")]
         label = f"{spec} | {consts} | %16: {' '.join(div16) or '-'} | num_warps={options.num_warps}"
         start = time.perf_counter()
         try:
@@ -344,7 +345,8 @@ def main(argv=None) -> int:
         return 1
     if args.check_sass:
         broken = sass_violations(resources, args.arch)
-        print(f"SASS rules: {len(enforced_rules())} checked, {len(broken)} variant(s) break one" + (":" if broken else ""))
+        print(f"SASS rules: {len(enforced_rules())} checked, {len(broken)} variant(s) break one"
+              + (":" if broken else ""))
         for line in broken:
             print(f"  {line}")
         if broken:

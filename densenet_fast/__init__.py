@@ -15,7 +15,7 @@ from .ops import available_backends, get_backend_name, set_backend, use_backend
 # about 2 s, so builders.py loads on the first access to one of them.
 _BUILDERS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc")
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 (_BUILDERS is a tuple of str)
     "DenseNet", *_BUILDERS,
     "convert", "convert_sync_batchnorm", "SyncBatchNorm2d", "reference", "peak_memory",
     "set_backend", "use_backend", "get_backend_name", "available_backends",

@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.benchmark import Measurement, TaskSpec
 
 from .memory import peak_memory
-from .tools import (PROG, UsageError, autocast_dtype, check_backends, check_device, check_output_path, machine, require,
-                    write_csv, write_json)
+from .tools import (
+    PROG,
+    UsageError,
+    autocast_dtype,
+    check_backends,
+    check_device,
+    check_output_path,
+    machine,
+    require,
+    write_csv,
+    write_json,
+)
 
 MiB = 1 << 20
 IQR_THRESHOLD = 0.1  # torch.utils.benchmark's _IQR_WARN_THRESHOLD: above it, "system fluctuation"

@@ -16,17 +16,17 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import block_algorithm as algo
+from . import block_algorithm as algo, stage_autograd
+from .fusion import autocast_dtype
 from .ops import backend_name_for, backend_named
 from .ops.interface import memory_format, stats_dtype
-from .fusion import autocast_dtype
 from .sync import BatchSync, active_group
-from . import stage_autograd
 
 # Process groups of synchronized stages, referred to by index in the op's arguments.
 _PROCESS_GROUPS: list = []
@@ -326,7 +326,8 @@ def _check_input(x: Tensor, stage: Stage, params: Sequence[Optional[Tensor]], au
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {shape}")
     if x.shape[1] != stage.in_channels:
-        raise ValueError(f"expected an input with {stage.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        raise ValueError(f"expected an input with {stage.in_channels} channels, got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)})")
     ref = next(p for p in params if p is not None and p.dim() == 4)  # a conv weight: the compute dtype
     if not x.is_floating_point() or (x.dtype != ref.dtype and not autocast):
         raise TypeError(f"expected input dtype {ref.dtype} (the parameters' dtype), got {x.dtype}")

@@ -36,12 +36,13 @@ this module only does per-channel bookkeeping.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, CoefSums, CoefsFrom, StatsOut, memory_format, rsqrt_eps, stats_dtype
+from .ops.interface import Backend, CoefsFrom, CoefSums, StatsOut, memory_format, rsqrt_eps, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -253,7 +254,8 @@ def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weigh
     if slots.own_invstd:
         rsqrt_eps(var, eps, bn.invstd)
     # scale and shift are adjacent in the layout: one (2, width) block
-    backend.bn_coefficients(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
+    backend.bn_coefficients(mean, bn.invstd, weight, bias,
+                            packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
     return bn
 
 
@@ -266,7 +268,8 @@ def _reader_coefficients(backend: Backend, packed: Tensor, slots: Slots, eps: fl
     the biased variance (the rows hold the unbiased one once the ops have written it)."""
     if running is None and not slots.own_invstd:
         bn = coefs_of(packed, slots)
-        return bn, CoefsFrom(mean, bn.invstd, weight, bias, packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
+        return bn, CoefsFrom(mean, bn.invstd, weight, bias,
+                             packed[slots.scale:slots.scale + 2 * slots.width].view(2, -1))
     if running is None and to_biased != 1.0:  # a BN with an eps of its own
         var = var * to_biased
     return _normalize(backend, packed, slots, eps, weight, bias, mean, var, running), None
@@ -361,7 +364,8 @@ def forward(backend: Backend, x: Tensor, spec: StageSpec, params: Sequence[Optio
         else:
             if batch2:
                 z_mean, z_var = _stats((z_mean, z_var), sync)
-                z_slots += [mean[slots2.stats:slots2.stats + slots2.width], var[slots2.stats:slots2.stats + slots2.width]]
+                z_slots += [mean[slots2.stats:slots2.stats + slots2.width],
+                            var[slots2.stats:slots2.stats + slots2.width]]
                 z_stats += [z_mean, z_var]
             bn2 = _normalize(backend, packed, slots2, spec.eps[j2], w2, b2, z_mean, z_var, next_running(j2))
         noise = None

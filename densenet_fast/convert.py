@@ -62,7 +62,8 @@ def _libraries() -> list[_Library]:
             "timm", timm.DenseNet, timm.DenseBlock, timm.DenseLayer, timm.DenseTransition,
             ("forward", "forward_features", "forward_head"), ("norm1", "conv1", "norm2", "conv2"),
             ("norm", "conv", "pool"), head=("global_pool", "head_drop"),
-            norm_acts=tuple(getattr(norm_act, n) for n in ("BatchNormAct2d", "SyncBatchNormAct") if hasattr(norm_act, n)),
+            norm_acts=tuple(getattr(norm_act, n) for n in ("BatchNormAct2d", "SyncBatchNormAct")
+                            if hasattr(norm_act, n)),
             relu_after={"norm0": "relu0", "norm1": "relu1", "norm2": "relu2", "norm": "relu"}))
     return libraries
 

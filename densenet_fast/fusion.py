@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn

@@ -11,7 +11,8 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile

@@ -22,7 +22,8 @@ from . import fusion
 from .block import Stage, dense_stage
 
 # Old torchvision checkpoints name a layer's modules 'norm.1', 'conv.2', ...
-_LEGACY_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 class _DenseLayer(nn.Module):
@@ -118,7 +119,7 @@ class _DenseBlock(nn.ModuleDict):
         super().__init__()
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient)
-            self.add_module("denselayer%d" % (i + 1), layer)
+            self.add_module(f"denselayer{i + 1}", layer)
 
     def stage(self, transition: Optional["_Transition"] = None, name: Optional[str] = None) -> Stage:
         """The fused node of this block (and ``transition``), for ``densenet_fast.block.dense_stage``."""
@@ -135,7 +136,7 @@ class _DenseBlock(nn.ModuleDict):
             if fused is not None:
                 return fused
         features = [init_features]
-        for name, layer in self.items():
+        for _name, layer in self.items():
             new_features = layer(features)
             features.append(new_features)
         return torch.cat(features, 1)
@@ -211,8 +212,9 @@ def _stage_reason(x: Tensor, block: Optional[_DenseBlock], transition: Optional[
         return "the stage mixes SyncBatchNorm and BatchNorm2d"
     if type(norms[0]) is nn.SyncBatchNorm and len({id(n.process_group) for n in norms}) > 1:
         return "the stage's SyncBatchNorms use different process groups"
-    norm_tensors = [t for n in norms for d in (n.__dict__,) for t in (d["_parameters"]["weight"], d["_parameters"]["bias"],
-                    d["_buffers"]["running_mean"], d["_buffers"]["running_var"])]
+    norm_tensors = [t for n in norms for d in (n.__dict__,)
+                    for t in (d["_parameters"]["weight"], d["_parameters"]["bias"],
+                              d["_buffers"]["running_mean"], d["_buffers"]["running_var"])]
     return fusion.tensors_reason(x, convs, norm_tensors)
 
 
@@ -338,7 +340,8 @@ class DenseNet(nn.Module):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if len(block_config) == 0 or any(int(n) != n or n < 1 for n in block_config):
-            raise ValueError(f"block_config must be a non-empty sequence of positive layer counts, got {block_config!r}")
+            raise ValueError(f"block_config must be a non-empty sequence of positive layer counts, "
+                             f"got {block_config!r}")
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         self.small_inputs = small_inputs
@@ -357,13 +360,13 @@ class DenseNet(nn.Module):
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             block = _DenseBlock(int(num_layers), num_features, bn_size, growth_rate, drop_rate, memory_efficient)
-            block.stage_name = "features.denseblock%d" % (i + 1)
-            self.features.add_module("denseblock%d" % (i + 1), block)
+            block.stage_name = f"features.denseblock{i + 1}"
+            self.features.add_module(f"denseblock{i + 1}", block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
                 transition = _Transition(num_features, num_features // 2)
-                transition.stage_name = "features.transition%d" % (i + 1)
-                self.features.add_module("transition%d" % (i + 1), transition)
+                transition.stage_name = f"features.transition{i + 1}"
+                self.features.add_module(f"transition{i + 1}", transition)
                 num_features = num_features // 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.classifier = nn.Linear(num_features, num_classes)

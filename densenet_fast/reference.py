@@ -37,7 +37,7 @@ class _DenseBlock(nn.ModuleDict):
         super().__init__()
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
-            self.add_module("denselayer%d" % (i + 1), layer)
+            self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
         features = [x]
@@ -74,11 +74,11 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(OrderedDict(stem))
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            self.features.add_module("denseblock%d" % (i + 1),
+            self.features.add_module(f"denseblock{i + 1}",
                                      _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate))
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
-                self.features.add_module("transition%d" % (i + 1), _Transition(num_features, num_features // 2))
+                self.features.add_module(f"transition{i + 1}", _Transition(num_features, num_features // 2))
                 num_features //= 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.classifier = nn.Linear(num_features, num_classes)

@@ -11,13 +11,13 @@ it has at the checkpoint's epoch.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -273,7 +273,9 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
                 xb, yb = _to_device(run, xb), yb.to(run.device)
                 if i == 0:
                     # The first step of each epoch is measured (see bench.training_memory for what counts).
-                    (loss, hits), peak = training_memory(lambda: step(xb, yb), model, optimizer, run.device)
+                    # training_memory calls the lambda before it returns: this iteration's batch.
+                    (loss, hits), peak = training_memory(lambda: step(xb, yb),  # noqa: B023
+                                                         model, optimizer, run.device)
                 else:
                     loss, hits = step(xb, yb)
                 total_loss += loss * len(yb)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import pytest
 import torch

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import densenet_fast
-from densenet_fast import reference
-from densenet_fast import ops as registry
+from densenet_fast import ops as registry, reference
 
 if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
     pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)
 
-from densenet_fast.ops.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.ops.cpp_backend import CppBackend
 
 ATOL, RTOL = 1e-9, 1e-7
 

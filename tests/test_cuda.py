@@ -170,7 +170,8 @@ def _train_beside_eager(compiled, model, eager, x, check=None):
             out.sum().backward()
             out_eager.sum().backward()
     if check is not None:
-        assert check(), "the check after the steps failed (reduce-overhead: CUDA graphs skipped; the warning above says why)"
+        assert check(), ("the check after the steps failed "
+                         "(reduce-overhead: CUDA graphs skipped; the warning above says why)")
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
     for (name, b), c in zip(model.named_buffers(), eager.buffers()):

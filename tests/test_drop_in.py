@@ -11,8 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import densenet_fast
-from drop_in_helpers import (CONFIG, CONFIG3, assert_fused, assert_same_tensors, seeded, tiny_input,
-                             torchvision_twin, train_step)
+from drop_in_helpers import (
+    CONFIG,
+    CONFIG3,
+    assert_fused,
+    assert_same_tensors,
+    seeded,
+    tiny_input,
+    torchvision_twin,
+    train_step,
+)
 from helpers import compare_with_reference, randomize_bn
 
 BUILDERS = ["densenet121", "densenet161", "densenet169", "densenet201"]

@@ -13,9 +13,17 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import densenet_fast
-
-from drop_in_helpers import (CONFIG, assert_declines, assert_fused, assert_same_tensors, library_warnings, seeded,
-                             tiny_input, torchvision_twin, train_step)
+from drop_in_helpers import (
+    CONFIG,
+    assert_declines,
+    assert_fused,
+    assert_same_tensors,
+    library_warnings,
+    seeded,
+    tiny_input,
+    torchvision_twin,
+    train_step,
+)
 from helpers import compare_with_reference
 from test_distributed import _run as run_in_process_group
 
@@ -218,7 +226,7 @@ def test_reset_fallback_warnings_warns_each_reason_again():
 
 
 def _silu_everywhere(model):
-    for name, module in list(model.named_modules()):
+    for name, _module in list(model.named_modules()):
         if name.endswith("relu1"):
             model.set_submodule(name, nn.SiLU())
 

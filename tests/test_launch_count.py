@@ -11,7 +11,7 @@ from torch import nn
 import densenet_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from launch_count import count_step_launches  # noqa: E402
+from launch_count import count_step_launches
 
 
 class _Views(nn.Module):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import densenet_fast
-from densenet_fast.block import dense_stage
-from densenet_fast.models import _DenseBlock, _Transition
 from densenet_fast import reference
 from densenet_fast.bench import activation_peak
+from densenet_fast.block import dense_stage
+from densenet_fast.models import _DenseBlock, _Transition
 
 
 def _peaks(depth):

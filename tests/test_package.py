@@ -129,7 +129,8 @@ def test_library_for_another_torch_is_refused_with_one_one_line_warning(tmp_path
     fake = _fake_library(tmp_path / "_C.so", dict(_extension.torch_record(), torch="2.13.0+cpu", cuda=None))
     with pytest.warns(_extension.ExtensionMismatchWarning) as caught:
         for _ in range(2):  # the registry may try again: still one warning
-            with pytest.raises(ImportError, match=rf"built for torch 2\.13\.0\+cpu, running {re.escape(torch.__version__)}"):
+            with pytest.raises(ImportError,
+                               match=rf"built for torch 2\.13\.0\+cpu, running {re.escape(torch.__version__)}"):
                 _extension.load_extension(fake)
     assert len(caught) == 1
     w = caught[0]

@@ -1,7 +1,6 @@
 """Property-based: random configurations and shapes against the naive reference, in float64."""
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import densenet_fast
 from helpers import compare_with_reference, reference_twin

@@ -19,7 +19,8 @@ def test_half_precision_weight_grads_are_summed_in_float32():
     scale, shift = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g) * 0.1
     weight = torch.randn(16, 24, 1, 1, generator=g) * 0.2
     grad_out = torch.randn(256, 16, 4, 4, generator=g)
-    exact = _reference_conv1x1_weight_grad(x.double(), scale.double(), shift.double(), weight.double(), grad_out.double())
+    exact = _reference_conv1x1_weight_grad(x.double(), scale.double(), shift.double(), weight.double(),
+                                           grad_out.double())
     aten = _reference_conv1x1_weight_grad(x.bfloat16(), scale.bfloat16(), shift.bfloat16(), weight.bfloat16(),
                                           grad_out.bfloat16())
     ours = TorchBackend().bn_relu_conv1x1_backward(grad_out.bfloat16(), x.bfloat16(), scale, shift, weight.bfloat16(),

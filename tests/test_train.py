@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import assert_one_error_line, run
-from densenet_fast import cli, data
-from densenet_fast import train as train_module
+from densenet_fast import cli, data, train as train_module
 
 TINY = ("train", "--depth", "10", "--growth-rate", "4", "-b", "128", "--img-size", "8", "-j", "0")
 

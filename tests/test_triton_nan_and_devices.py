@@ -13,11 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_fast.ops.triton import (bn_relu_conv1x1, bn_relu_conv1x1_backward, bn_relu_conv1x1_backward_ref,
-                                      bn_relu_conv1x1_ref, bn_relu_conv3x3, bn_relu_conv3x3_backward,
-                                      bn_relu_conv3x3_backward_ref, bn_relu_conv3x3_ref, bn_relu_pool_conv1x1,
-                                      bn_relu_pool_conv1x1_backward, bn_relu_pool_conv1x1_backward_ref,
-                                      bn_relu_pool_conv1x1_ref, common)
+from densenet_fast.ops.triton import (
+    bn_relu_conv1x1,
+    bn_relu_conv1x1_backward,
+    bn_relu_conv1x1_backward_ref,
+    bn_relu_conv1x1_ref,
+    bn_relu_conv3x3,
+    bn_relu_conv3x3_backward,
+    bn_relu_conv3x3_backward_ref,
+    bn_relu_conv3x3_ref,
+    bn_relu_pool_conv1x1,
+    bn_relu_pool_conv1x1_backward,
+    bn_relu_pool_conv1x1_backward_ref,
+    bn_relu_pool_conv1x1_ref,
+    common,
+)
 from triton_cases import DEVICE, DTYPES, bn_affine
 
 N, C_IN, C_OUT, H, W = 2, 20, 12, 6, 7
