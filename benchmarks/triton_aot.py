@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 # Kernels are compiled (not interpreted) only if TRITON_INTERPRET is off when they are decorated.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -51,6 +52,7 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import densenet_fast
 from densenet_fast.ops import register_backend
+from densenet_fast.ops.interface import Unsupported
 from densenet_fast.ops.triton import SUPPORTED_DTYPES
 from densenet_fast.ops.triton_backend import TritonBackend
 from sass_facts import SassFacts, kernel_facts
@@ -80,9 +82,11 @@ class CompileOnlyTritonBackend(TritonBackend):
     def __init__(self) -> None:  # no CUDA device needed: nothing runs on one
         pass
 
-    def check_tensors(self, x) -> None:
+    def supports(self, x) -> Optional[Unsupported]:
         if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}")
+            return Unsupported(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}",
+                               TypeError)
+        return None
 
 
 compiled: list[tuple[str, str, float]] = []  # (kernel, specialization, seconds)

@@ -133,7 +133,7 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
     an available backend that can't is skipped with a note on stderr when none was requested."""
     import sys
 
-    from .ops import available_backends, backend_for, use_backend
+    from .ops import available_backends, backend_named, use_backend
 
     for name in requested or []:
         try:
@@ -149,16 +149,15 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
     names = requested or (available_backends() if every else [])
     usable = []
     probe = torch.empty(2, 1, 1, 1, device=device, dtype=dtype)
-    for name in names:
-        try:
-            with use_backend(name):
-                backend_for(probe)
+    for name in names:  # each known and available here (checked above, or available_backends')
+        reason = backend_named(name).supports(probe)
+        if reason is None:
             usable.append(name)
-        except (TypeError, ValueError, RuntimeError) as err:
-            if requested:
-                raise UsageError(f"{PROG}: error: backend {name!r} does not compute on {dtype} tensors on "
-                                 f"{device.type}: {str(err).splitlines()[0]}") from None
-            print(f"{PROG}: skipping backend {name!r} for {dtype} on {device.type}: {err}", file=sys.stderr)
+        elif requested:
+            raise UsageError(f"{PROG}: error: backend {name!r} does not compute on {dtype} tensors on "
+                             f"{device.type}: {str(reason).splitlines()[0]}")
+        else:
+            print(f"{PROG}: skipping backend {name!r} for {dtype} on {device.type}: {reason}", file=sys.stderr)
     if every and not usable:
         raise UsageError(f"{PROG}: error: no densenet_fast backend computes on {dtype} tensors on {device.type}")
     return usable

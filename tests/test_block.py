@@ -135,6 +135,31 @@ def test_unavailable_backend_names_what_is_available():
         ops._FACTORIES.pop("broken-for-test")
 
 
+def test_automatic_choice_asks_each_backend_what_it_supports(monkeypatch):
+    """backend_for takes the first preferred backend whose supports() has no reason against the
+    tensors; a pinned backend raises its reason as its error."""
+    from densenet_fast.ops.interface import Unsupported
+    from densenet_fast.ops.torch_backend import TorchBackend
+
+    class Float32Only(TorchBackend):
+        name = "float32-only-for-test"
+
+        def supports(self, x):
+            return None if x.dtype == torch.float32 else Unsupported(f"float32 only, got {x.dtype}", TypeError)
+
+    ops.register_backend(Float32Only.name, Float32Only)
+    monkeypatch.setitem(ops._PREFERENCE, "cpu", [Float32Only.name, "torch"])
+    try:
+        assert ops.backend_for(torch.ones(1)).name == Float32Only.name
+        assert ops.backend_for(torch.ones(1, dtype=torch.float64)).name == "torch"
+        with densenet_fast.use_backend(Float32Only.name):
+            with pytest.raises(TypeError, match="float32 only, got torch.float64"):
+                ops.backend_for(torch.ones(1, dtype=torch.float64))
+    finally:
+        ops._FACTORIES.pop(Float32Only.name)
+        ops._instances.pop(Float32Only.name, None)
+
+
 def test_stage_needs_layers_or_transition():
     with pytest.raises(ValueError, match="at least one dense layer or a transition"):
         Stage([], None)

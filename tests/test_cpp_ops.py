@@ -17,9 +17,9 @@ import torch.nn.functional as F
 if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
     pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)
 
-from densenet_fast.ops import cpp_backend  # noqa: E402
-from densenet_fast.ops.cpp_backend import CppBackend, built_with_cuda  # noqa: E402
-from densenet_fast.ops.interface import StatsOut, write_stats  # noqa: E402
+from densenet_fast.ops import cpp_backend
+from densenet_fast.ops.cpp_backend import CppBackend, built_with_cuda
+from densenet_fast.ops.interface import StatsOut, write_stats
 
 ops = torch.ops.densenet_fast
 
@@ -54,7 +54,8 @@ def channel_vectors(c, dtype, seed, device="cpu"):
 
 def weight(out_c, in_c, k, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(out_c, in_c, k, k, generator=g, dtype=torch.float64) / (in_c * k * k) ** 0.5).to(dtype).to(device)
+    w = torch.randn(out_c, in_c, k, k, generator=g, dtype=torch.float64) / (in_c * k * k) ** 0.5
+    return w.to(dtype).to(device)
 
 
 def per_channel(v):
@@ -475,7 +476,8 @@ def test_errors_name_what_was_expected():
     with pytest.raises(RuntimeError, match="NCHW or channels_last"):
         ops.channel_stats(x.transpose(2, 3).transpose(0, 1))
     with pytest.raises(RuntimeError, match="'out' of shape"):
-        ops.bn_relu_conv3x3(x, scale, shift, weight(4, 6, 3, torch.float32, seed=84), torch.empty(2, 3, 5, 5), None, False)
+        ops.bn_relu_conv3x3(x, scale, shift, weight(4, 6, 3, torch.float32, seed=84), torch.empty(2, 3, 5, 5), None,
+                            False)
     with pytest.raises(RuntimeError, match="'grad_x' in the layout of 'x'"):
         ops.bn_relu_conv1x1_backward(torch.randn(2, 4, 5, 5), x, scale, shift, w, center,
                                      torch.empty(2, 6, 5, 5).contiguous(memory_format=torch.channels_last), False)
@@ -501,6 +503,11 @@ def test_errors_name_what_was_expected():
 
 def test_backend_rejects_what_it_cannot_compute():
     b = CppBackend()
+    assert b.supports(torch.ones(1, dtype=torch.float32)) is None
+    assert b.supports(torch.ones(1, dtype=torch.float64)) is None
+    reason = b.supports(torch.ones(1, dtype=torch.bfloat16))
+    assert reason.error is TypeError and "float32 or float64" in str(reason)
+    assert "CPU and CUDA" in str(b.supports(torch.ones(1, device="meta")))
     b.check_tensors(torch.ones(1, dtype=torch.float32))
     with pytest.raises(TypeError, match="float32 or float64"):
         b.check_tensors(torch.ones(1, dtype=torch.bfloat16))

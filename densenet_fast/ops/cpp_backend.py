@@ -13,14 +13,24 @@ Fake implementations of every op are registered here, so torch.compile can trace
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import load_extension
-from .interface import Backend, ConvGrads, StatsOut, add_coef_sums, coefficients_first, stats_dtype, stats_result
+from .interface import (
+    Backend,
+    ConvGrads,
+    StatsOut,
+    Unsupported,
+    add_coef_sums,
+    coefficients_first,
+    stats_dtype,
+    stats_result,
+)
 
 # Registers torch.ops.densenet_fast. ImportError (the registry then reports "cpp" unavailable, with
 # this reason) when the library is not built, or was built for another torch: then it is not even
@@ -172,7 +182,8 @@ class DeviceComposite:
 
     @staticmethod
     def _finish(dy: Tensor, x: Tensor, scale, shift, center, grad_x: Optional[Tensor], out: Tensor, s: slice, sums):
-        new, sum_dy, sum_dy_xc = _ops.bn_relu_backward(dy, x[s], scale, shift, center, None if grad_x is None else grad_x[s])
+        into = None if grad_x is None else grad_x[s]
+        new, sum_dy, sum_dy_xc = _ops.bn_relu_backward(dy, x[s], scale, shift, center, into)
         if grad_x is None:
             out[s] = new
         sums[0] += sum_dy
@@ -240,18 +251,20 @@ class CppBackend(Backend):
         self.fused_cpu = fused_cpu
         self.composite = DeviceComposite()
 
-    def check_tensors(self, x: Tensor) -> None:
+    def supports(self, x: Tensor) -> Optional[Unsupported]:
         if x.device.type == "cpu":
             if x.dtype not in _CPU_DTYPES:
-                raise TypeError(f"backend 'cpp' on CPU expects float32 or float64 tensors, got {x.dtype}")
+                return Unsupported(f"backend 'cpp' on CPU expects float32 or float64 tensors, got {x.dtype}", TypeError)
         elif x.device.type == "cuda":
             if not built_with_cuda():
-                raise RuntimeError("backend 'cpp' can't run on CUDA tensors: densenet_fast._C was built without "
-                                   "its CUDA kernels (reinstall with nvcc present, or DENSENET_FAST_CUDA=1)")
+                return Unsupported("backend 'cpp' can't run on CUDA tensors: densenet_fast._C was built without its "
+                                   "CUDA kernels (reinstall with nvcc present, or DENSENET_FAST_CUDA=1)")
             if x.dtype not in _CUDA_DTYPES:
-                raise TypeError(f"backend 'cpp' on CUDA expects float16, bfloat16, float32 or float64 tensors, got {x.dtype}")
+                return Unsupported(f"backend 'cpp' on CUDA expects float16, bfloat16, float32 or float64 tensors, "
+                                   f"got {x.dtype}", TypeError)
         else:
-            raise RuntimeError(f"backend 'cpp' runs on CPU and CUDA tensors, got a {x.device.type} tensor")
+            return Unsupported(f"backend 'cpp' runs on CPU and CUDA tensors, got a {x.device.type} tensor")
+        return None
 
     def _fused(self, x: Tensor) -> bool:
         return self.fused_cpu and x.device.type == "cpu"
@@ -303,7 +316,8 @@ class CppBackend(Backend):
                 grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad)
         else:
             grads = self._grads(_ops.bn_relu_conv1x1_backward(
-                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad), grad_x, need_weight_grad)
+                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad),
+                grad_x, need_weight_grad)
         return add_coef_sums(coef_sums, grads)
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
@@ -327,7 +341,8 @@ class CppBackend(Backend):
                 grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad)
         else:
             grads = self._grads(_ops.bn_relu_pool_conv1x1_backward(
-                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad), grad_x, need_weight_grad)
+                _walkable(grad_out), x, scale, shift, weight, center, grad_x, need_weight_grad),
+                grad_x, need_weight_grad)
         return add_coef_sums(coef_sums, grads)
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):

@@ -89,7 +89,7 @@ class CoefsFrom(NamedTuple):
     coefs: Tensor
 
 
-def coefficients_first(backend: "Backend", coefs_from: Optional[CoefsFrom]) -> None:
+def coefficients_first(backend: Backend, coefs_from: Optional[CoefsFrom]) -> None:
     """Writes the coefficients ``coefs_from`` asks for, before an op that applies them runs."""
     if coefs_from is not None:
         backend.bn_coefficients(*coefs_from)
@@ -147,14 +147,30 @@ def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut], prod
     return None, None
 
 
+class Unsupported(NamedTuple):
+    """Why a backend can't compute on some tensors: the message, and the error it is raised as."""
+
+    message: str
+    error: type[Exception] = RuntimeError
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class Backend(ABC):
     """Base class of the backends. Subclasses implement every method below."""
 
     name: str = "abstract"
 
     @abstractmethod
+    def supports(self, x: Tensor) -> Optional[Unsupported]:
+        """None if this backend computes on tensors like ``x`` (device, dtype), else why not."""
+
     def check_tensors(self, x: Tensor) -> None:
-        """Raise a clear error if this backend cannot compute on tensors like ``x``."""
+        """Raise :meth:`supports`'s reason as its error, if there is one."""
+        reason = self.supports(x)
+        if reason is not None:
+            raise reason.error(reason.message)
 
     @abstractmethod
     def channel_stats(self, x: Tensor, stats_into: Optional[StatsOut] = None, out: Optional[Tensor] = None

@@ -13,14 +13,24 @@ tensor's channel statistics. 1x1 convolutions are plain GEMMs over each image's 
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import (Backend, ConvGrads, StatsOut, add_coef_sums, coefficients_first, memory_format, stats_dtype,
-                        stats_result)
+from .interface import (
+    Backend,
+    ConvGrads,
+    StatsOut,
+    Unsupported,
+    add_coef_sums,
+    coefficients_first,
+    memory_format,
+    stats_dtype,
+    stats_result,
+)
 
 # Largest chunk, in elements, of normalized activations recomputed at once (8 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 21
@@ -103,9 +113,10 @@ def _finish_dy(dy: Tensor, y: Tensor, x: Tensor, center: Tensor, ones: Tensor, s
 class TorchBackend(Backend):
     name = "torch"
 
-    def check_tensors(self, x: Tensor) -> None:
+    def supports(self, x: Tensor) -> Optional[Unsupported]:
         if not x.is_floating_point():
-            raise TypeError(f"backend 'torch' expects floating-point tensors, got {x.dtype}")
+            return Unsupported(f"backend 'torch' expects floating-point tensors, got {x.dtype}", TypeError)
+        return None
 
     def channel_stats(self, x: Tensor, stats_into: Optional[StatsOut] = None, out: Optional[Tensor] = None):
         if out is not None:

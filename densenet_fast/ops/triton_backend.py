@@ -12,14 +12,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .interface import Backend, CoefSums, CoefsFrom, ConvGrads, StatsOut
+from .interface import Backend, CoefsFrom, CoefSums, ConvGrads, StatsOut, Unsupported
 
 try:
-    from .triton import (SUPPORTED_DTYPES, bn_coefficients, bn_grad_finalize, bn_relu_conv1x1, bn_relu_conv1x1_backward,
-                         bn_relu_conv3x3, bn_relu_conv3x3_backward, bn_relu_pool_conv1x1,
-                         bn_relu_pool_conv1x1_backward, channel_stats)
-    from .triton.bn_relu_conv1x1 import _conv1x1_fwd_kernel
     from triton.runtime.jit import JITFunction
+
+    from .triton import (
+        SUPPORTED_DTYPES,
+        bn_coefficients,
+        bn_grad_finalize,
+        bn_relu_conv1x1,
+        bn_relu_conv1x1_backward,
+        bn_relu_conv3x3,
+        bn_relu_conv3x3_backward,
+        bn_relu_pool_conv1x1,
+        bn_relu_pool_conv1x1_backward,
+        channel_stats,
+    )
+    from .triton.bn_relu_conv1x1 import _conv1x1_fwd_kernel
 except ImportError as err:  # the registry turns this into "backend unavailable"
     raise ImportError(f"the triton backend needs the 'triton' package: {err}") from err
 
@@ -68,22 +78,25 @@ class TritonBackend(Backend):
         if not _INTERPRETED and not torch.cuda.is_available():
             raise RuntimeError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)")
 
-    def check_tensors(self, x: Tensor) -> None:
+    def supports(self, x: Tensor) -> Optional[Unsupported]:
         if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}")
+            return Unsupported(f"backend 'triton' computes on float32, float16 and bfloat16 tensors, got {x.dtype}",
+                               TypeError)
         if x.device.type == "cuda":
             if _INTERPRETED:
-                raise RuntimeError("backend 'triton' was loaded under TRITON_INTERPRET=1; it serves CPU tensors only")
-            return
+                return Unsupported("backend 'triton' was loaded under TRITON_INTERPRET=1; it serves CPU tensors only")
+            return None
         if x.device.type != "cpu":
-            raise RuntimeError(f"backend 'triton' computes on CUDA tensors, got a {x.device.type} tensor")
+            return Unsupported(f"backend 'triton' computes on CUDA tensors, got a {x.device.type} tensor")
         if not _INTERPRETED:
-            raise RuntimeError(
+            return Unsupported(
                 "backend 'triton' computes on CUDA tensors; CPU tensors need Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before densenet_fast's triton backend is first imported)")
         if x.dtype == torch.bfloat16:
             # Triton's interpreter returns wrong tl.dot results for bfloat16 operands.
-            raise TypeError("backend 'triton' does not compute bfloat16 under Triton's interpreter; use CUDA")
+            return Unsupported("backend 'triton' does not compute bfloat16 under Triton's interpreter; use CUDA",
+                               TypeError)
+        return None
 
     def channel_stats(self, x, stats_into=None, out=None):
         mean, var = channel_stats(x, *_into(stats_into), out)

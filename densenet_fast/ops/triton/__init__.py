@@ -13,7 +13,8 @@ from .channel_stats import channel_stats, channel_stats_ref
 from .common import SUPPORTED_DTYPES, interpreting
 
 __all__ = [
-    "bn_coefficients", "bn_coefficients_ref", "bn_grad_finalize", "bn_grad_finalize_ref", "bn_relu_conv1x1", "bn_relu_conv1x1_ref",
+    "bn_coefficients", "bn_coefficients_ref", "bn_grad_finalize", "bn_grad_finalize_ref",
+    "bn_relu_conv1x1", "bn_relu_conv1x1_ref",
     "bn_relu_conv1x1_backward", "bn_relu_conv1x1_backward_ref", "bn_relu_conv3x3", "bn_relu_conv3x3_ref",
     "bn_relu_conv3x3_backward", "bn_relu_conv3x3_backward_ref", "bn_relu_pool_conv1x1", "bn_relu_pool_conv1x1_ref",
     "bn_relu_pool_conv1x1_backward", "bn_relu_pool_conv1x1_backward_ref", "channel_stats", "channel_stats_ref",

@@ -57,7 +57,8 @@ def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, 
     launch(_bn_grad_finalize_kernel)[(triton.cdiv(m, tile_p) * n_c_tiles,)](
         target, x, center, coef_x, coef_c, factor_x if factor_x is not None else coef_x,
         factor_c if factor_c is not None else coef_c, c, m, h * w, n_c_tiles, *strides_nchw(target), *strides_nchw(x),
-        HAS_FACTORS=factor_x is not None, ALIGN=min(row_align(x), row_align(target)), BLOCK_P=tile_p, BLOCK_C=block_c, num_warps=4)
+        HAS_FACTORS=factor_x is not None, ALIGN=min(row_align(x), row_align(target)), BLOCK_P=tile_p, BLOCK_C=block_c,
+        num_warps=4)
     if target is not grad_x:
         grad_x.copy_(target)
 

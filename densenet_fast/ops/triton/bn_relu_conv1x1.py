@@ -21,10 +21,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (PIXEL_BLOCK, collapsible, dot_precision, gemm_warps, input_rows, launch, pixel_rows,
-                     pooled_bn_relu, pow2_block, ref_bn_relu, ref_stats, row_align, small_map, strides_nchw,
-                     tile_stats)
 from .bn_coefficients import affine_coefficients
+from .common import (
+    PIXEL_BLOCK,
+    collapsible,
+    dot_precision,
+    gemm_warps,
+    input_rows,
+    launch,
+    pixel_rows,
+    pooled_bn_relu,
+    pow2_block,
+    ref_bn_relu,
+    ref_stats,
+    row_align,
+    small_map,
+    strides_nchw,
+    tile_stats,
+)
 from .partials import finalize_stats, new_stats_partials, no_stats, store_tile_partials
 
 

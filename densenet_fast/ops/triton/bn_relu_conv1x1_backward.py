@@ -25,9 +25,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (PIXEL_BLOCK, collapsible, dot_precision, dy_epilogue, input_rows, launch,
-                     pixel_rows, pooled_bn_relu, pow2_block, ref_bn_relu, ref_relu_backward, row_align,
-                     split_pixel_tiles, strides_nchw, weight_grad_pixel_block)
+from .common import (
+    PIXEL_BLOCK,
+    collapsible,
+    dot_precision,
+    dy_epilogue,
+    input_rows,
+    launch,
+    pixel_rows,
+    pooled_bn_relu,
+    pow2_block,
+    ref_bn_relu,
+    ref_relu_backward,
+    row_align,
+    split_pixel_tiles,
+    strides_nchw,
+    weight_grad_pixel_block,
+)
 from .partials import new_stats_partials, store_tile_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles).
@@ -160,7 +174,8 @@ def _conv1x1_bwd_kernel(
 
 def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
                      grad_x: Tensor, accumulate: bool, need_weight_grad: bool, pool: bool,
-                     coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+                     coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Launches both jobs and the kernel that finishes their partials; ``grad_x`` receives (or,
     with ``accumulate``, gains) ``scale * dy``. With ``coef_sums`` = (coef_x, coef_c, fx, fc) that
     launch also adds ``fx * sum_dy_xc`` into ``coef_x`` and ``fc * sum_dy`` into ``coef_c``.

@@ -19,8 +19,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, gemm_warps, launch, pixel_rows, pow2_block,
-                     ref_bn_relu, ref_stats, row_align, small_map, strides_nchw, tile_stats)
+from .common import (
+    PIXEL_BLOCK,
+    bn_relu,
+    collapsible,
+    dot_precision,
+    gemm_warps,
+    launch,
+    pixel_rows,
+    pow2_block,
+    ref_bn_relu,
+    ref_stats,
+    row_align,
+    small_map,
+    strides_nchw,
+    tile_stats,
+)
 from .partials import finalize_stats, new_stats_partials, no_stats, store_tile_partials
 
 

@@ -23,9 +23,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (PIXEL_BLOCK, bn_relu, collapsible, dot_precision, dy_epilogue, launch, pixel_rows, pow2_block,
-                     ref_bn_relu, ref_relu_backward, row_align, split_pixel_tiles, strides_nchw,
-                     weight_grad_pixel_block)
+from .common import (
+    PIXEL_BLOCK,
+    bn_relu,
+    collapsible,
+    dot_precision,
+    dy_epilogue,
+    launch,
+    pixel_rows,
+    pow2_block,
+    ref_bn_relu,
+    ref_relu_backward,
+    row_align,
+    split_pixel_tiles,
+    strides_nchw,
+    weight_grad_pixel_block,
+)
 from .partials import new_stats_partials, store_tile_partials, sum_partials
 
 # Most float32 partials of the weight-gradient GEMM (see common.split_pixel_tiles); each is 9x

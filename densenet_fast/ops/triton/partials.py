@@ -6,8 +6,9 @@ deviations from that mean, channel-major: ``partials[0, c, r]`` and ``partials[1
 ``finalize_stats`` combines them with Chan's parallel formula, so no sum of squares of raw values is
 ever formed and large means do not cancel the variance away. Given where to put them, it writes the
 statistics straight into the stage's packed numbers, with the invstd and the BN coefficients they
-give (the op interface's ``StatsOut``): one launch where the bookkeeping took four to seven. Channel-major rows make each channel's
-partials contiguous: one program per few channels reads them coalesced, every channel in parallel.
+give (the op interface's ``StatsOut``): one launch where the bookkeeping took four to seven.
+Channel-major rows make each channel's partials contiguous: one program per few channels reads them
+coalesced, every channel in parallel.
 
 Sums. Partial sums (the backward's per-tile sum(dy), sum(dy * xc); the weight-gradient GEMMs'
 splits) are summed in a fixed order by ``sum_partials``: deterministic, no atomics, the weight
