@@ -132,6 +132,26 @@ inline void bn_relu_backward_row(const scalar_t* grad_y, const scalar_t* __restr
   }
 }
 
+// The same along one pixel's channels of an NCHW activation, whose channels lie `x_stride` and
+// `out_stride` apart in x and out: the pixel-major tiles of small NCHW maps (pixel_major_tiles).
+template <bool kAccumulate, typename scalar_t>
+inline void bn_relu_backward_strided_row(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
+                                         int64_t x_stride, scalar_t* __restrict__ out, int64_t out_stride, int64_t len,
+                                         PerElement<at::opmath_type<scalar_t>> scale,
+                                         PerElement<at::opmath_type<scalar_t>> shift,
+                                         PerElement<at::opmath_type<scalar_t>> center, ChannelSums& sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < len; ++i) {
+    const opmath_t xi = static_cast<opmath_t>(x[i * x_stride]);
+    const opmath_t dy = bn_relu_dy<opmath_t>(xi, static_cast<opmath_t>(grad_y[i]), scale[i], shift[i]);
+    sums.dy[i] += dy;
+    sums.dy_xc[i] += bn_relu_dy_xc<opmath_t>(dy, xi, center[i]);
+    const opmath_t contribution = scale[i] * dy;
+    scalar_t& target = out[i * out_stride];
+    target = static_cast<scalar_t>(kAccumulate ? static_cast<opmath_t>(target) + contribution : contribution);
+  }
+}
+
 // Count, mean and m2 of a contiguous row, in two passes over it (it is in cache).
 template <typename scalar_t>
 inline Moments<double> row_moments(const scalar_t* __restrict__ row, int64_t len) {

@@ -162,6 +162,13 @@ void onednn_grad_input(const Tensor& out, const Tensor& weight_t, const Tensor& 
   out.copy_(onednn_conv1x1(go.t().contiguous(), weight_t).t());
 }
 
+// NCHW maps of at most this many pixels are walked pixel-major in the conv1x1 ops' tiles (the
+// normalized activations and the input gradient's product): walked as NCHW, a tile of a batch of
+// 2x2 maps is a row of 4 pixels per channel and image (8192 rows per call in DenseNet-121's block
+// 3 at 32x32, batch 8), each paying a loop's set-up for a few elements.
+constexpr int64_t kPixelMajorPixels = 16;
+bool pixel_major_tiles(const ActivationLayout& l) { return !l.channels_inner() && l.pixels <= kPixelMajorPixels; }
+
 // A thread's tile of normalized activations, C x length, laid out like the input walks
 // (rows of pixels per channel for NCHW, rows of channels per pixel for channels_last), or
 // pixel-major whatever the input (channels_inner) for oneDNN's GEMMs.
@@ -269,11 +276,18 @@ void backward_tile(const TileBuffer& dy_buf, const Tensor& x, const ActivationLa
   const opmath_t* sc = scale.const_data_ptr<opmath_t>();
   const opmath_t* sh = shift.const_data_ptr<opmath_t>();
   const opmath_t* ce = center.const_data_ptr<opmath_t>();
-  if (dy_buf.channels_inner) {
+  if (dy_buf.channels_inner && lx.channels_inner()) {
     for (int64_t j = 0; j < length; ++j) {
       bn_relu_backward_row<kAccumulate>(dy_buf.row<scalar_t>(at + j), xd + row_offset(lx, true, n, p0 + j),
                                         gd + row_offset(lg, true, n, p0 + j), lx.channels, PerElement<opmath_t>{sc},
                                         PerElement<opmath_t>{sh}, PerElement<opmath_t>{ce}, sums);
+    }
+  } else if (dy_buf.channels_inner) {  // a pixel-major tile of NCHW x (pixel_major_tiles)
+    for (int64_t j = 0; j < length; ++j) {
+      bn_relu_backward_strided_row<kAccumulate>(
+          dy_buf.row<scalar_t>(at + j), xd + row_offset(lx, true, n, p0 + j), lx.channel_stride,
+          gd + row_offset(lg, true, n, p0 + j), lg.channel_stride, lx.channels, PerElement<opmath_t>{sc},
+          PerElement<opmath_t>{sh}, PerElement<opmath_t>{ce}, sums);
     }
   } else {
     for (int64_t c = 0; c < lx.channels; ++c) {
@@ -505,7 +519,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   const bool onednn = onednn_gemms(x, slots, out_channels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     for_each_slot(num_tiles, slots, [&](int64_t, int64_t begin, int64_t end) {
-      TileBuffer buf(x, lx.channels_inner() || onednn, lx.channels, tiles.max_length());
+      TileBuffer buf(x, lx.channels_inner() || onednn || pixel_major_tiles(lx), lx.channels, tiles.max_length());
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = tiles.first_image(t), images = tiles.image_count(t);
         const int64_t p0 = tiles.begin(t), length = tiles.end(t) - p0;
@@ -559,9 +573,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_cpu", [&] {
     for_each_slot(num_tiles, slots, [&](int64_t s, int64_t begin, int64_t end) {
-      TileBuffer dy(x, lx.channels_inner(), lx.channels, tiles.max_length());
+      const bool pixel_major = lx.channels_inner() || pixel_major_tiles(lx);
+      TileBuffer dy(x, pixel_major, lx.channels, tiles.max_length());
       std::optional<TileBuffer> act;
-      if (need_weight_grad) act.emplace(x, lx.channels_inner(), lx.channels, tiles.max_length());
+      if (need_weight_grad) act.emplace(x, pixel_major, lx.channels, tiles.max_length());
       ChannelSums slot_sums = sums.slot(s);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = tiles.first_image(t), images = tiles.image_count(t);
