@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import block_algorithm as algo, stage_autograd
+from .bn_math import update_running_stats
 from .fusion import autocast_dtype
 from .ops import backend_name_for, backend_named
 from .ops.interface import memory_format, stats_dtype
@@ -368,7 +369,7 @@ def _update_running_stats(norms: Sequence[nn.BatchNorm2d], spec: algo.StageSpec,
     if not updated:
         return
     with torch.no_grad():
-        algo.update_running_stats(
+        update_running_stats(
             [(norms[j].running_mean, norms[j].running_var, norms[j].num_batches_tracked) for j in updated],
             [norms[j].momentum for j in updated], [algo.batch_stats_of(packed, spec.layout, j) for j in updated])
 

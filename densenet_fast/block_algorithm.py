@@ -30,8 +30,9 @@ Packed numbers
 
 Everything here is plain data: a :class:`StageSpec` of numbers (no modules), decoded once from the
 custom op's argument lists (``decode``), so the whole stage can run as one registered op
-(``block.py``). Tensor arithmetic goes through the backend's op interface (``ops/interface.py``);
-this module only does per-channel bookkeeping.
+(``block.py``). Tensor arithmetic goes through the backend's op interface (``ops/interface.py``)
+and BN's own formulas (invstd, running stats) through ``bn_math.py``; this module only does
+per-channel bookkeeping.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .ops.interface import Backend, CoefsFrom, CoefSums, StatsOut, memory_format, rsqrt_eps, stats_dtype
+# update_running_stats lived here before bn_math: re-exported for callers that import it from here.
+from .bn_math import rsqrt_eps, update_running_stats as update_running_stats
+from .ops.interface import Backend, CoefsFrom, CoefSums, StatsOut, memory_format, stats_dtype
 from .sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -197,46 +200,6 @@ class Saved(NamedTuple):
 
 
 Count = Union[int, Tensor]  # values per channel: a Python int, or a tensor when summed over processes
-
-
-def update_running_stats(running: Sequence[tuple[Tensor, Tensor, Optional[Tensor]]],
-                         momenta: Sequence[Optional[float]], batch: Sequence[tuple[Tensor, Tensor]]) -> None:
-    """torch.nn.BatchNorm's running-stats update of several BNs in place, with no host sync.
-
-    ``running`` holds each BN's (running_mean, running_var, num_batches_tracked or None), ``batch``
-    its batch mean and *unbiased* batch variance. num_batches_tracked counts up; momentum None is
-    torch's cumulative average with factor 1 / num_batches_tracked (a tensor: nothing is read back),
-    and without num_batches_tracked torch's factor 0.
-    """
-    counted = [nbt for _, _, nbt in running if nbt is not None]
-    if counted:
-        torch._foreach_add_(counted, 1)
-    groups: dict[float, list[int]] = {}  # per momentum: one lerp (torch 2.11 has no ScalarList lerp)
-    cumulative = []
-    for i, (momentum, (_, _, nbt)) in enumerate(zip(momenta, running)):
-        if momentum is None and nbt is not None:
-            cumulative.append(i)
-        else:
-            groups.setdefault(0.0 if momentum is None else float(momentum), []).append(i)
-    for weight, group in groups.items():
-        torch._foreach_lerp_(*_lerp_lists(running, batch, group), weight)
-    if cumulative:
-        factors = _cumulative_factors([running[i] for i in cumulative])
-        torch._foreach_lerp_(*_lerp_lists(running, batch, cumulative), [f for f in factors for _ in range(2)])
-
-
-def _lerp_lists(running, batch, group) -> tuple[list[Tensor], list[Tensor]]:
-    """(running means and vars, batch means and unbiased vars in their dtypes) of the BNs in ``group``."""
-    targets = [t for i in group for t in running[i][:2]]
-    sources = [s if s.dtype == t.dtype else s.to(t.dtype) for i in group for s, t in zip(batch[i], running[i][:2])]
-    return targets, sources
-
-
-def _cumulative_factors(running: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
-    """1 / num_batches_tracked of each BN, as 0-dim tensors of its running stats' dtype."""
-    dtype = running[0][0].dtype
-    factors = torch.stack([nbt for _, _, nbt in running]).to(dtype).reciprocal_()
-    return [f if r[0].dtype == dtype else f.to(r[0].dtype) for f, r in zip(factors.unbind(), running)]
 
 
 def _normalize(backend: Backend, packed: Tensor, slots: Slots, eps: float, weight: Optional[Tensor],

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .block_algorithm import update_running_stats
+from .bn_math import chan_merge, coefficients, rsqrt_eps, update_running_stats
 from .models import _DenseBlock, _Transition
 from .ops.interface import stats_dtype
 from .sync import active_group
@@ -33,9 +33,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     Used for the stem's and the head's BNs (blocks synchronize inside their own op).
     torch.nn.SyncBatchNorm refuses CPU tensors; this one runs on gloo too. Statistics are merged
-    from every process's count, mean and variance in float32 or wider (Chan's parallel formula:
-    no cancellation when the mean is large), and nothing is read back to the host. Same parameters
-    and buffers as BatchNorm2d.
+    from every process's count, mean and variance in float32 or wider (Chan's parallel formula,
+    ``bn_math.chan_merge``: no cancellation when the mean is large), and nothing is read back to the
+    host. Coefficients and the running-stats update are bn_math's, as in the fused stages. Same
+    parameters and buffers as BatchNorm2d.
     """
 
     process_group = None
@@ -56,19 +57,17 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         at_rank = torch.full((1,), rank, dtype=torch.long, device=x.device)  # a fill, not a host-to-device copy
         rows = rows.index_copy(0, at_rank, torch.cat([count, mean, var])[None])
         rows = _AllReduceSum.apply(rows, group)
-        counts, means, variances = rows[:, :1], rows[:, 1:1 + mean.numel()], rows[:, 1 + mean.numel():]
+        counts, means, variances = rows[:, 0], rows[:, 1:1 + mean.numel()], rows[:, 1 + mean.numel():]
         total = counts.sum()
-        weights = counts / total
-        global_mean = (weights * means).sum(0)
-        global_var = (weights * (variances + (means - global_mean) ** 2)).sum(0)
+        global_mean, global_var = chan_merge(counts, means, variances, total)
         if self.training and self.track_running_stats:
             with torch.no_grad():  # the fused stages' update: no host sync
                 unbiased = global_var * (total / (total - 1))
                 update_running_stats([(self.running_mean, self.running_var, self.num_batches_tracked)],
                                      [self.momentum], [(global_mean, unbiased)])
-        invstd = torch.rsqrt(global_var + self.eps)
-        scale = invstd if self.weight is None else self.weight.to(sdt) * invstd
-        shift = -global_mean * scale if self.bias is None else self.bias.to(sdt) - global_mean * scale
+        scale, shift = coefficients(global_mean, rsqrt_eps(global_var, self.eps),
+                                    None if self.weight is None else self.weight.to(sdt),
+                                    None if self.bias is None else self.bias.to(sdt))
         return (xs * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
 
 

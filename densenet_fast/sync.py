@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .bn_math import chan_merge
+
 
 def active_group(enabled: bool, group) -> tuple[bool, Optional[object]]:
     """Whether to synchronize now: asked for, a process group is up, and it has several processes."""
@@ -44,12 +46,9 @@ class BatchSync:
         return torch.stack(parts)
 
     def stats(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """Global mean and biased variance from every process's (Chan's parallel merge)."""
+        """Global mean and biased variance from every process's (bn_math.chan_merge: Chan's parallel merge)."""
         g = self._gather(torch.stack([mean, var]))  # world x 2 x C
-        w = (self.counts / self.total).to(mean.dtype)[:, None]
-        global_mean = (w * g[:, 0]).sum(0)
-        global_var = (w * (g[:, 1] + (g[:, 0] - global_mean) ** 2)).sum(0)
-        return global_mean, global_var
+        return chan_merge(self.counts, g[:, 0], g[:, 1], self.total)
 
     def sum(self, *tensors: Tensor) -> list[Tensor]:
         """Each tensor summed over the processes, as new tensors (one collective for all)."""

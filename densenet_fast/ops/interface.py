@@ -29,6 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..bn_math import coefficients, rsqrt_eps
+
 
 class ConvGrads(NamedTuple):
     """What a fused BN-ReLU-conv backward returns."""
@@ -102,16 +104,6 @@ def add_coef_sums(into: Optional[CoefSums], grads: ConvGrads) -> ConvGrads:
     return grads
 
 
-def rsqrt_eps(var: Tensor, eps: float, out: Tensor) -> None:
-    """out = rsqrt(var + eps), in out's dtype (the statistics dtype)."""
-    if var.dtype == out.dtype:
-        torch.add(var, eps, out=out)
-    else:
-        out.copy_(var)
-        out.add_(eps)
-    out.rsqrt_()
-
-
 def write_stats(into: StatsOut, mean: Tensor, var: Tensor, count: int) -> None:
     """Writes ``into`` from the batch statistics ``mean`` and biased ``var`` of ``count`` values per
     channel, in PyTorch ops."""
@@ -126,16 +118,8 @@ def write_stats(into: StatsOut, mean: Tensor, var: Tensor, count: int) -> None:
 def write_coefficients(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        coefs: Tensor) -> None:
     """A BN's (2, C) ``coefs``: ``scale = weight * invstd``, ``shift = bias - mean * scale``
-    (``weight``/``bias`` None: 1 and 0), in PyTorch ops."""
-    scale, shift = coefs.unbind()
-    if weight is None:
-        scale.copy_(invstd)
-    else:
-        torch.mul(weight, invstd, out=scale)
-    if bias is None:
-        torch.mul(mean, scale, out=shift).neg_()
-    else:
-        torch.addcmul(bias, mean, scale, value=-1, out=shift)
+    (``weight``/``bias`` None: 1 and 0), in PyTorch ops (:func:`densenet_fast.bn_math.coefficients`)."""
+    coefficients(mean, invstd, weight, bias, coefs)
 
 
 def stats_result(mean: Tensor, var: Tensor, stats_into: Optional[StatsOut], produced: Tensor):
