@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP_PINS := torch==2.14.1 torchvision==0.29.1 triton pytest pytest-benchmark ninja hypothesis tqdm matplotlib scikit-learn timm \
 	build wheel 'setuptools>=77' onnx onnxscript onnxruntime ruff==0.17.6
 
-.PHONY: demo test lint bench test-torch2.11
+.PHONY: demo test test-quick lint bench test-torch2.11
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The suite without the tests marked slow (pyproject.toml's markers): a quick check while editing.
+test-quick: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

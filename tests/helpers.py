@@ -1,13 +1,52 @@
-"""Shared checks: run a fast model and the naive reference side by side and compare everything."""
+"""What the test files share as plain functions and data (their fixtures are in conftest.py): the
+tolerances, BN randomization, backend parameters, and running a fast model and the naive reference
+side by side to compare everything."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import densenet_fast
 from densenet_fast import reference
 
-# (atol, rtol) per dtype: float64 agrees to rounding; float32 accumulates in a different order.
-TOLERANCES = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-4, 2e-3)}
+# (atol, rtol) per dtype, by what a test compares: the one table of tolerances. A dtype's numbers
+# differ between two kinds only where the stricter could not be used for both: it failed the other
+# kind's tests, or those tests also run on a GPU, where it was not tried (the "op" rows, which the
+# Triton op tests and the cpp CUDA tests share, and every half-precision row).
+TOLERANCES = {
+    # One op (a fused BN-ReLU-conv or pooling, forward or backward; the cpp ops' statistics and
+    # per-channel primitives) against a reference computed in float64 or in the op's dtype.
+    "op": {torch.float64: (1e-10, 1e-9), torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2),
+           torch.bfloat16: (5e-2, 2e-2)},
+    # Per-channel statistics and coefficients (Triton's channel_stats and bn_grad_finalize, every
+    # backend's bn_coefficients, densenet_fast.bn_math), accumulated in float32 (float64 for float64
+    # inputs), against float64.
+    "stats": {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3),
+              torch.bfloat16: (1e-3, 1e-3)},
+    # Triton's bn_grad_finalize in bfloat16 (float32 and float16: "stats"): its output is rounded to
+    # bfloat16 (2**-8 relative).
+    "finalize": {torch.bfloat16: (1e-2, 1e-2)},
+    # The cpp extension's CUDA kernels in half precision (statistics, BN-ReLU backward) against its
+    # CPU kernels in float64 (float64 and float32: "op").
+    "cpp_cuda": {torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)},
+    # A whole model (outputs, every gradient, running statistics over steps) against the naive
+    # reference or torchvision. float64 agrees to rounding (the worst case, in test_properties, passes
+    # at 2e-13 and fails at 1e-13); float32 (run on a GPU) accumulates in another order.
+    "model": {torch.float64: (1e-12, 1e-12), torch.float32: (2e-4, 2e-3)},
+}
+
+
+def dtype_params(kind: str, *dtypes: torch.dtype, cuda_only: tuple[torch.dtype, ...] = ()):
+    """``(dtype, atol, rtol)`` parameters from TOLERANCES[kind], with ids such as ``float32``; the
+    dtypes in ``cuda_only`` are skipped on a machine without CUDA."""
+    params = []
+    for dtype in dtypes:
+        name = _param_id(dtype)
+        marks = () if dtype not in cuda_only else pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason=f"{name} needs CUDA")
+        params.append(pytest.param(dtype, *TOLERANCES[kind][dtype], id=name, marks=marks))
+    return params
 
 
 def reference_twin(model: nn.Module, **config) -> nn.Module:
@@ -29,7 +68,7 @@ def reference_twin(model: nn.Module, **config) -> nn.Module:
 
 
 def assert_close(actual, expected, dtype, what):
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = TOLERANCES["model"][dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
@@ -71,16 +110,47 @@ def compare_with_reference(model: nn.Module, ref: nn.Module, x: torch.Tensor, st
         assert_close(model(x), ref(x), dtype, "eval output")
 
 
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Random BN affine parameters and running stats (seeded by the caller), so no BN is the identity."""
+# The ranges randomize_bn draws from (uniformly): scales around 1, shifts of both signs, running
+# statistics off their 0 / 1 defaults, so no BN is the identity and every term counts.
+BN_RANGES = {"weight": (0.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-0.2, 0.2), "running_var": (0.5, 2.0)}
+
+
+def randomize_bn(model: nn.Module, seed: int | None = None, *, running_stats: bool = True,
+                 types: tuple[type, ...] = (nn.BatchNorm2d,)) -> nn.Module:
+    """Random BN affine parameters and (with ``running_stats``) running statistics, in BN_RANGES, for
+    every module of ``types`` in ``model`` (``model`` itself included; FrozenBatchNorm2d keeps them as
+    buffers): from the global RNG (seeded by the caller) or, with ``seed``, from a generator of their
+    own. Returns ``model``."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    names = list(BN_RANGES) if running_stats else ["weight", "bias"]
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, types):
+                for name in names:
+                    t = getattr(m, name)
+                    if t is not None:
+                        t.uniform_(*BN_RANGES[name], generator=g)
     return model
+
+
+def backend_params(*cases, slow: tuple[str, ...] = ()):
+    """Parameters for the ``backend`` fixture (conftest.py; ``indirect=["backend"]``): backend names,
+    or tuples starting with one (``("triton", torch.float32)``), with readable ids. A backend not
+    built in this installation is skipped (pass plain names to require it instead: the fixture then
+    fails where it is missing); the cases of the backends in ``slow`` are marked slow."""
+    available = densenet_fast.available_backends()
+    params = []
+    for case in cases:
+        values = case if isinstance(case, tuple) else (case,)
+        marks = [pytest.mark.slow] if values[0] in slow else []
+        if values[0] not in available:
+            marks.append(pytest.mark.skip(reason=f"backend {values[0]!r} is not built in this installation"))
+        params.append(pytest.param(*values, marks=marks, id="-".join(_param_id(v) for v in values)))
+    return params
+
+
+def _param_id(value) -> str:
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value)
 
 
 def autocast_errors(model: nn.Module, ref: nn.Module, x: torch.Tensor, autocast_dtype=None):

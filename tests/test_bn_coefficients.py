@@ -4,18 +4,18 @@ with the BN's factors applied to its reductions."""
 import pytest
 import torch
 
-import densenet_fast
 from densenet_fast.ops import backend_named
+from helpers import TOLERANCES, backend_params
 
-BACKENDS = [name for name in ("torch", "cpp", "triton") if name in densenet_fast.available_backends()]
-ATOL, RTOL = 1e-5, 1e-5  # float32 statistics against float64
+BACKENDS = backend_params("torch", "cpp", "triton")
+ATOL, RTOL = TOLERANCES["stats"][torch.float32]  # float32 statistics against float64
 
 
 def _seeded(*shape, seed, dtype=torch.float32):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("affine", ["weight_and_bias", "strided_weight_and_bias", "weight", "none"])
 @pytest.mark.parametrize("channels", [1, 37, 300])
 def test_bn_coefficients_match_float64(backend, affine, channels):
@@ -36,7 +36,7 @@ def test_bn_coefficients_match_float64(backend, affine, channels):
     torch.testing.assert_close(packed[3 + 2 * channels:], before[3 + 2 * channels:], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_bn_grad_finalize_applies_the_factors(backend, channels_last):
     n, c, h, w = 3, 11, 5, 4

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from densenet_fast import bn_math
+from helpers import TOLERANCES
 
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+TOL = {dtype: dict(zip(("atol", "rtol"), TOLERANCES["stats"][dtype])) for dtype in DTYPES}
 
 
 def _batch(gen, dtype, n=4, c=5, h=3, w=2):

@@ -13,7 +13,7 @@ import densenet_fast
 from densenet_fast import block
 from densenet_fast.block import dense_stage
 from densenet_fast.models import _DenseBlock, _Transition
-from helpers import assert_close, randomize_bn
+from helpers import assert_close, backend_params, randomize_bn
 
 # Ops that read a tensor back to the host (or wait for its values).
 _HOST_READS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose",
@@ -64,20 +64,18 @@ def _devices():
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("backend, dtype", [("cpp", torch.float64), ("torch", torch.float64),
-                                            ("triton", torch.float32)])
+@pytest.mark.parametrize("backend, dtype", backend_params(("cpp", torch.float64), ("torch", torch.float64),
+                                                           ("triton", torch.float32), slow=("triton",)),
+                         indirect=["backend"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_training_step_of_a_stage_reads_nothing_back(backend, dtype, momentum, device):
-    if backend not in densenet_fast.available_backends():
-        pytest.skip(f"backend {backend} is not available here")
     blk, tr = _stage(momentum, dtype, device)
     x = torch.randn(2, 5, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
-    with densenet_fast.use_backend(backend):
-        recorder = _Recorder()
-        with recorder:
-            for _ in range(2):  # the second step updates running stats that are not fresh
-                out = dense_stage(x, blk.stage(tr))
-                out.backward(torch.ones_like(out))
+    recorder = _Recorder()
+    with recorder:
+        for _ in range(2):  # the second step updates running stats that are not fresh
+            out = dense_stage(x, blk.stage(tr))
+            out.backward(torch.ones_like(out))
     # The op really ran (and was looked into): its bookkeeping went by.
     assert recorder.ops["densenet_fast.dense_stage"] == 2 and recorder.ops["densenet_fast.dense_stage_backward"] == 2
     assert recorder.ops["aten._foreach_lerp_"] >= 2 and x.grad is not None
@@ -86,17 +84,14 @@ def test_training_step_of_a_stage_reads_nothing_back(backend, dtype, momentum, d
     assert int(blk.denselayer1.norm1.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", backend_params("cpp", "torch"), indirect=True)
 def test_training_step_of_a_model_reads_nothing_back(backend):
     """The whole model under the profiler (a dispatch mode would make it run its modules)."""
-    if backend not in densenet_fast.available_backends():
-        pytest.skip(f"backend {backend} is not available here")
-    with densenet_fast.use_backend(backend):
-        model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True, drop_rate=0.1)
-        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True, drop_rate=0.1)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         model(x).sum().backward()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(x).sum().backward()
     names = collections.Counter(e.name for e in prof.events())
     assert names["densenet_fast::dense_stage"] == 2 and names["densenet_fast::dense_stage_backward"] == 2
     assert not {"aten::_local_scalar_dense", "aten::item"} & set(names)

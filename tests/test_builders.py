@@ -13,6 +13,7 @@ import torchvision
 from torchvision.models import get_model_weights
 
 from densenet_fast import builders
+from helpers import randomize_bn
 
 WEIGHTS = {
     "densenet121": torchvision.models.DenseNet121_Weights,
@@ -107,11 +108,7 @@ def _legacy_keys(state_dict):
 
 def test_pretrained_weights_load_through_torchvisions_loader(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    published = torchvision.models.densenet121()
-    with torch.no_grad():
-        for b in published.buffers():
-            if b.is_floating_point():
-                b.uniform_(0.5, 1.5)
+    published = randomize_bn(torchvision.models.densenet121())
     path = tmp_path / "densenet121.pth"
     torch.save(_legacy_keys(published.state_dict()), path)
     assert any(".norm.1." in key for key in torch.load(path))
@@ -181,6 +178,7 @@ def test_densenet_bc_refuses_depths_that_are_not_6n_plus_4(depth):
         builders.densenet_bc(depth)
 
 
+@pytest.mark.slow
 def test_the_package_imports_torchvision_only_when_a_builder_is_used():
     script = (
         "import sys\n"

@@ -38,6 +38,7 @@ TINY_BENCH = ("bench", "--depth", "10", "--growth-rate", "4", "-b", "2", "--img-
 FAST_BACKENDS = [b for b in ("torch", "cpp") if b in densenet_fast.available_backends()]
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_csv_and_plot(capsys, tmp_path):
     files = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "png")}
     backends = [arg for b in FAST_BACKENDS for arg in ("--backend", b)]
@@ -68,9 +69,10 @@ def test_bench_compares_every_available_backend_by_default():
     assert tools.check_backends(["torch"], torch.device("cpu"), torch.float32) == ["torch"]
 
 
-@pytest.mark.parametrize("extra, shown", [(["--amp", "--backend", "torch"], "autocast bfloat16"),
-                                          (["--dtype", "float64", "--backend", FLOAT64_BACKEND], "float64"),
-                                          (["--channels-last", "--backend", "torch"], "channels_last")])
+@pytest.mark.parametrize("extra, shown", [
+    (["--amp", "--backend", "torch"], "autocast bfloat16"),
+    pytest.param(["--dtype", "float64", "--backend", FLOAT64_BACKEND], "float64", marks=pytest.mark.slow),
+    pytest.param(["--channels-last", "--backend", "torch"], "channels_last", marks=pytest.mark.slow)])
 def test_bench_precision_and_layout(capsys, extra, shown):
     status, out, _ = run(capsys, *TINY_BENCH, *extra)
     assert status == 0 and shown in out.splitlines()[0]
@@ -151,6 +153,7 @@ def test_min_image_size_is_what_the_models_need():
 
 # --- max-depth ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_max_depth_on_a_tiny_budget(capsys, tmp_path):
     out_json = tmp_path / "depth.json"
     backends = [arg for b in FAST_BACKENDS for arg in ("--backend", b)]
@@ -168,6 +171,7 @@ def test_max_depth_on_a_tiny_budget(capsys, tmp_path):
         assert (r["depth"] - 4) % 6 == 0 and r["verified_depth"] > 0
 
 
+@pytest.mark.slow
 def test_max_depth_refuses_a_small_budget_before_measuring(capsys, monkeypatch):
     measured = []
     real = max_depth.measure_step_transient
@@ -330,6 +334,7 @@ def test_module_entry_point_exit_status():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_crash_during_measurement_reaches_stderr(tmp_path):
     """A segfault inside a profiled training step: what the step wrote to fd 2 and Python's traceback
     (faulthandler) are on stderr; nothing redirects fd 2 while the model runs."""

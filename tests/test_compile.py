@@ -29,11 +29,13 @@ def _compiled_trains_like_eager(**compile_kwargs):
         torch.testing.assert_close(b, c, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_model_trains_like_eager(backend):
-    _compiled_trains_like_eager(backend=backend)
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_model_trains_like_eager(compile_backend):
+    _compiled_trains_like_eager(backend=compile_backend)
 
 
+@pytest.mark.slow
 def test_reduce_overhead_compiled_model_trains_like_eager():
     """mode="reduce-overhead" (Inductor with CUDA graphs, issue 11's graph-capturable step) compiles
     the model whole and trains like eager. On CPU it captures no CUDA graph, so this checks the

@@ -37,13 +37,7 @@ def _seeded(module: nn.Module, seed: int = 2) -> nn.Module:
 
 
 def _frozen_bn(channels: int) -> FrozenBatchNorm2d:
-    bn = FrozenBatchNorm2d(channels)
-    g = torch.Generator().manual_seed(3)
-    bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
-    bn.bias.copy_(torch.randn(channels, generator=g))
-    bn.running_mean.copy_(torch.randn(channels, generator=g))
-    bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
-    return bn.double()
+    return randomize_bn(FrozenBatchNorm2d(channels), 3, types=(FrozenBatchNorm2d,)).double()
 
 
 def _weight_norm(module: nn.Module) -> nn.Module:

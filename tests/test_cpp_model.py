@@ -18,36 +18,22 @@ if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
     pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)
 
 from densenet_fast.ops.cpp_backend import CppBackend
+from helpers import TOLERANCES, randomize_bn
 
-ATOL, RTOL = 1e-9, 1e-7
+ATOL, RTOL = TOLERANCES["model"][torch.float64]
 
 SMALL = dict(growth_rate=6, block_config=(3, 2), num_init_features=10, bn_size=2, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def cpp_backend():
-    with densenet_fast.use_backend("cpp"):
-        yield
-
-
-def randomize_norms(model: torch.nn.Module, seed: int) -> None:
-    """BN weights, biases and running stats away from their 1/0 defaults, so every term counts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-                m.bias.copy_(0.3 * torch.randn(c, generator=g, dtype=torch.float64))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g, dtype=torch.float64))
-                m.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+# Every test runs with backend "cpp" pinned (the conftest fixture; it fails where cpp is missing).
+pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.parametrize("backend", ["cpp"], indirect=True)]
 
 
 def model_pair(seed=0, **kwargs):
     torch.manual_seed(seed)
     config = {**SMALL, **kwargs}
     fast = densenet_fast.DenseNet(**config).double()
-    randomize_norms(fast, seed + 1)
+    randomize_bn(fast, seed + 1)
     ref = reference.DenseNet(**{k: v for k, v in config.items()}).double()
     ref.load_state_dict(fast.state_dict())
     return fast, ref

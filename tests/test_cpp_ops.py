@@ -20,11 +20,12 @@ if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
 from densenet_fast.ops import cpp_backend
 from densenet_fast.ops.cpp_backend import CppBackend, built_with_cuda
 from densenet_fast.ops.interface import StatsOut, write_stats
+from helpers import dtype_params
 
 ops = torch.ops.densenet_fast
 
 # (dtype, atol, rtol); references are computed in float64 from the same values.
-TOLERANCES = [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-4, 1e-4)]
+DTYPES = dtype_params("op", torch.float64, torch.float32)
 LAYOUTS = ["nchw", "channels_last"]
 # (N, C, H, W): batch 1, odd sizes, channel counts that aren't multiples of 8.
 SHAPES = [(1, 13, 7, 5), (3, 37, 9, 11)]
@@ -95,7 +96,7 @@ def backend(mode):
 # ---- statistics ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_channel_stats(dtype, atol, rtol, layout, shape):
@@ -128,7 +129,7 @@ def test_channel_stats_half_precision_in_float32(dtype):
 # ---- per-channel primitives (the arithmetic the CUDA kernels share) ------------------------------
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_affine_relu(dtype, atol, rtol, layout):
     x = buffer_slice((2, 21, 5, 7), dtype, layout, seed=4)
@@ -139,7 +140,7 @@ def test_affine_relu(dtype, atol, rtol, layout):
     assert_close(y, ref_bn_relu(x, scale, shift), atol, rtol)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_bn_relu_backward(dtype, atol, rtol, layout, accumulate):
@@ -158,7 +159,7 @@ def test_bn_relu_backward(dtype, atol, rtol, layout, accumulate):
     assert_close(sum_dy_xc, (dy * (x.double() - per_channel(center))).sum((0, 2, 3)), atol, rtol)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bn_grad_finalize(dtype, atol, rtol, layout):
     shape = (2, 23, 7, 3)
@@ -174,7 +175,7 @@ def test_bn_grad_finalize(dtype, atol, rtol, layout):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_bn_relu_conv1x1(mode, dtype, atol, rtol, layout, shape):
@@ -204,7 +205,7 @@ def test_bn_relu_conv1x1_many_tiles():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_noise", [False, True])
 # Maps of at most 2x2 pixels: the fused op's small-map GEMM (the center tap alone for 1x1).
@@ -233,7 +234,7 @@ def test_bn_relu_conv3x3(mode, dtype, atol, rtol, layout, with_noise, hw):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 13, 7, 5), (3, 37, 9, 11), (2, 10, 8, 6)])
 def test_bn_relu_pool_conv1x1(mode, dtype, atol, rtol, layout, shape):
@@ -268,7 +269,7 @@ def run_backward(mode, kind, dtype, layout, shape, accumulate, need_weight_grad,
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "pool"])
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 13, 7, 5), (3, 37, 9, 11)])
 def test_layer_backward_accumulates(mode, kind, dtype, atol, rtol, layout, shape):
@@ -300,7 +301,7 @@ def test_conv1x1_backward_many_tiles_channels_last():
         assert_close(actual, want, 1e-10, 1e-9)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (2, 1), (1, 2)])
@@ -428,7 +429,7 @@ def test_composite_chunks_are_few_and_exact(monkeypatch):
 # ---- argument checks ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("affine", ["none", "weight", "both"])
 @pytest.mark.parametrize("count", [37, 1])
 def test_write_stats_matches_its_pytorch_ops(dtype, atol, rtol, affine, count):
@@ -579,8 +580,7 @@ def test_missing_extension_raises_a_helpful_import_error(monkeypatch):
 # ---- CUDA (run on a GPU machine by benchmarks/gpu_check) ---------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-CUDA_DTYPES = [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 1e-2),
-               (torch.bfloat16, 1e-1, 2e-2)]
+CUDA_DTYPES = dtype_params("op", torch.float64, torch.float32) + dtype_params("cpp_cuda", torch.float16, torch.bfloat16)
 
 
 @cuda

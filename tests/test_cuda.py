@@ -21,35 +21,20 @@ from helpers import autocast_errors, compare_with_reference, randomize_bn, refer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check)")
 DEVICE = "cuda"
-BACKENDS = ["triton", "cpp", "torch"]
+# Each backend pinned in turn by the conftest fixture: plain names, so that one missing on a CUDA
+# machine (where every backend should be available) fails its tests with use_backend's reason.
+every_backend = pytest.mark.parametrize("backend", ["triton", "cpp", "torch"], indirect=True)
 
 # A net with both stems' worth of shape changes: odd sizes, a transition, two blocks.
 CONFIG = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2, num_classes=5)
 SMALL = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, small_inputs=True)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param not in densenet_fast.available_backends():
-        pytest.fail(f"backend {request.param!r} should be available on a CUDA machine: "
-                    f"{densenet_fast.available_backends()}")
-    with densenet_fast.use_backend(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def full_float32():
-    """Both sides in full float32: cuDNN (the references) would use TF32 by default."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _input(shape, seed=1, dtype=torch.float32):
     return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
+@every_backend
 @pytest.mark.parametrize("channels_last, drop_rate", [(False, 0.0), (True, 0.0), (False, 0.2)],
                          ids=["nchw", "channels_last", "dropout"])
 def test_train_steps_match_reference(backend, full_float32, channels_last, drop_rate):
@@ -66,6 +51,7 @@ def test_train_steps_match_reference(backend, full_float32, channels_last, drop_
     compare_with_reference(model, ref, x)
 
 
+@every_backend
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_error_is_a_small_multiple_of_torchvisions(backend, dtype):
     torch.manual_seed(0)
@@ -89,6 +75,7 @@ def test_autocast_error_is_a_small_multiple_of_torchvisions(backend, dtype):
             assert b.dtype == torch.float32 and torch.isfinite(b).all(), name  # running stats too
 
 
+@every_backend
 def test_grad_scaler_steps_without_overflow(backend):
     torch.manual_seed(0)
     model = densenet_fast.DenseNet(**CONFIG).to(DEVICE)
@@ -109,6 +96,7 @@ def test_grad_scaler_steps_without_overflow(backend):
     assert torch.isfinite(model.classifier.weight).all() and not torch.equal(before, model.classifier.weight)
 
 
+@every_backend
 def test_channels_last_gives_channels_last_and_same_numbers(backend, full_float32):
     torch.manual_seed(0)
     model = densenet_fast.DenseNet(**CONFIG).to(DEVICE)
@@ -212,6 +200,7 @@ def test_reduce_overhead_compiled_model_trains_like_eager(full_float32):
     _train_beside_eager(compiled, model, eager, x, check=lambda: counters["inductor"]["cudagraph_skips"] == 0)
 
 
+@every_backend
 def test_captured_training_step_replays_like_eager(backend, full_float32):
     """A whole training step (forward, loss, backward, SGD with momentum) captured in one
     torch.cuda.CUDAGraph, the PyTorch docs' recipe, and replayed on new data computes what eager

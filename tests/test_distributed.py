@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torchvision
 
 import densenet_fast
-from helpers import reference_twin
+from helpers import randomize_bn, reference_twin
 
 CONFIG = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
 SHARDS = (2, 3)  # unequal batches: statistics must be weighted by counts
@@ -31,12 +31,7 @@ def _data():
 
 def _models():
     torch.manual_seed(0)
-    model = densenet_fast.DenseNet(**CONFIG).double()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    model = randomize_bn(densenet_fast.DenseNet(**CONFIG).double(), running_stats=False)
     return model, reference_twin(model, **CONFIG)
 
 
@@ -161,6 +156,7 @@ def test_sync_batchnorm_matches_torch_sync_batchnorm_on_cuda(tmp_path):
     mp.spawn(_run, args=(2, str(tmp_path / "init"), _check_against_torch_sync_batchnorm), nprocs=2, join=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", [_check_ddp, _check_sync_batchnorm, _check_torch_sync_batchnorm_inside_a_stage,
                                    _check_double_backward_through_sync_refuses],
                          ids=["ddp", "sync_batchnorm", "torch_sync_batchnorm_in_a_stage", "sync_double_backward"])

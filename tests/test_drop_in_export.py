@@ -87,7 +87,7 @@ def _missing(*modules):
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["classic", "dynamo"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["classic", "dynamo"])
 def test_onnx_export(dynamo, tmp_path):
     needed = ["onnx", "onnxruntime"] + (["onnxscript"] if dynamo else [])
     if _missing(*needed):

@@ -24,7 +24,7 @@ from drop_in_helpers import (
     torchvision_twin,
     train_step,
 )
-from helpers import compare_with_reference
+from helpers import compare_with_reference, randomize_bn
 from test_distributed import _run as run_in_process_group
 
 LAYER = "features.denseblock1.denselayer1"
@@ -178,21 +178,11 @@ REPLACEMENTS = {  # case: (modification, reason regex)
 }
 
 
-def _randomize_frozen(model):
-    # FrozenBatchNorm2d starts as the identity; give it the values a pretrained one has.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                g = torch.Generator().manual_seed(m.weight.numel())
-                for buf, (lo, hi) in zip((m.weight, m.bias, m.running_mean, m.running_var),
-                                         ((0.5, 1.5), (-0.5, 0.5), (-0.2, 0.2), (0.5, 2.0))):
-                    buf.copy_(torch.rand(buf.shape, generator=g) * (hi - lo) + lo)
-
-
 @pytest.mark.parametrize("case", list(REPLACEMENTS))
 def test_replaced_module_inside_a_stage_is_what_runs(case):
     modify, reason = REPLACEMENTS[case]
-    tv, ours = torchvision_twin(lambda m: (modify(m), _randomize_frozen(m)))
+    # FrozenBatchNorm2d starts as the identity: give it the values a pretrained one has.
+    tv, ours = torchvision_twin(lambda m: (modify(m), randomize_bn(m, 0, types=(FrozenBatchNorm2d,))))
     x = tiny_input()
     compare_with_reference(ours, tv, x)
     ours.train()
@@ -326,6 +316,7 @@ def _sync_check(rank):
     assert_same_tensors(list(stage.buffers()), list(stage_tv.buffers()), f"rank {rank} running stats")
 
 
+@pytest.mark.slow
 def test_torch_sync_batchnorm_synchronizes_blocks_across_processes(tmp_path):
     """~15 s: two gloo processes. torch.nn.SyncBatchNorm itself refuses CPU tensors, so the reference is its
     definition: BN over the concatenated batch."""

@@ -25,6 +25,7 @@ def load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_torchvision_script_with_densenet_fast_swapped_in(tmp_path, capsys):
     out = tmp_path / "model.pt"
     load("torchvision_script").main(["--img-size", "32", "-b", "4", "--max-steps", "2", "--output", str(out)])
@@ -60,6 +61,7 @@ def test_export_to_onnx_or_a_clear_message(tmp_path, capsys):
             load("export").main(argv)
 
 
+@pytest.mark.slow
 def test_ddp_with_torchrun(tmp_path):
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

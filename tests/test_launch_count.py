@@ -35,6 +35,7 @@ def test_rule_counts_leaf_ops_not_views_or_allocations():
     assert count.triton == {} and count.host_syncs == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the triton backend in Triton's CPU interpreter")
 def test_triton_launches_counted_alike_with_and_without_running_them():
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -18,11 +18,13 @@ def _peaks(depth):
     return activation_peak(fast, x), activation_peak(naive, x)
 
 
+@pytest.mark.slow
 def test_training_step_peak_is_a_fraction_of_the_naive_networks():
     fast, naive = _peaks(40)
     assert fast < 0.3 * naive, (fast, naive)
 
 
+@pytest.mark.slow
 def test_peak_grows_about_linearly_with_depth():
     fast_40, naive_40 = _peaks(40)
     fast_100, naive_100 = _peaks(100)

@@ -5,16 +5,11 @@ import torch
 from torch import nn
 
 import densenet_fast
-from helpers import compare_with_reference, randomize_bn, reference_twin
+from helpers import backend_params, compare_with_reference, randomize_bn, reference_twin
 
-
-@pytest.fixture(autouse=True, params=["torch", "cpp"])
-def backend(request):
-    """Every model test runs on each CPU backend (triton's model test runs in its interpreter)."""
-    if request.param not in densenet_fast.available_backends():
-        pytest.skip(f"backend {request.param!r} is not built in this installation")
-    with densenet_fast.use_backend(request.param):
-        yield request.param
+# Every model test runs on each CPU backend (triton's model test runs in its interpreter).
+pytestmark = [pytest.mark.usefixtures("backend"),
+              pytest.mark.parametrize("backend", backend_params("torch", "cpp"), indirect=True)]
 
 
 def _build(seed=0, dtype=torch.float64, **config):

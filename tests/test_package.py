@@ -51,6 +51,7 @@ def _imported(statement: str) -> dict[str, int]:
     return times
 
 
+@pytest.mark.slow
 def test_import_adds_only_its_own_modules_to_torchs():
     """`import densenet_fast` imports nothing beyond torch but its own modules and the standard
     library (torch._dynamo, triton, torchvision, sympy, matplotlib, ... stay unimported), and those
@@ -217,6 +218,7 @@ def _copy_source(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_package_installs_pure_pytorch(tmp_path):
     src = _copy_source(tmp_path / "src")
     wheels = tmp_path / "wheels"

@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import densenet_fast
 from densenet_fast.ops import backend_named
 from densenet_fast.ops.interface import StatsOut
+from helpers import TOLERANCES, backend_params
 
-BACKENDS = [name for name in ("torch", "cpp", "triton") if name in densenet_fast.available_backends()]
+BACKENDS = backend_params("torch", "cpp", "triton")
 # (dtype, atol, rtol) of the float32 kernels against float64 references (float32 statistics).
-TOLERANCE = (torch.float32, 1e-4, 1e-4)
+TOLERANCE = (torch.float32, *TOLERANCES["op"][torch.float32])
 EPS = 1e-3  # not BatchNorm's default: the op must use the one it is given
 
 
@@ -48,7 +48,7 @@ def _assert_only_slices_written(packed, before, rows, coefs):
     torch.testing.assert_close(packed[mask], before[mask], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("op", ["conv1x1", "conv3x3"])
 @pytest.mark.parametrize("affine", ["weight_and_bias", "none"])
 def test_statistics_and_coefficients_written_in_place(backend, op, affine):
@@ -83,7 +83,7 @@ def test_statistics_and_coefficients_written_in_place(backend, op, affine):
     _assert_only_slices_written(packed, before, rows, coefs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_statistics_only_leave_the_coefficients_alone(backend):
     dtype, atol, rtol = TOLERANCE
     x = _seeded(2, 6, 4, 3, seed=11).to(dtype)
@@ -99,7 +99,7 @@ def test_statistics_only_leave_the_coefficients_alone(backend):
     _assert_only_slices_written(packed, before, rows, rows)  # the coefficient block included
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_channel_stats_written_in_place_as_x_is_copied(backend, channels_last):
     """A stage's input channels: mean, unbiased variance and invstd with the eps it is given, and x

@@ -4,13 +4,11 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import bn_grad_finalize, bn_grad_finalize_ref
+from helpers import dtype_params
 from triton_cases import DEVICE
 
-DTYPES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 1e-3, 1e-3),
-    pytest.param(torch.bfloat16, 1e-2, 1e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
+DTYPES = (dtype_params("stats", torch.float32, torch.float16)
+          + dtype_params("finalize", torch.bfloat16, cuda_only=(torch.bfloat16,)))
 # (N, buffer channels, channel offset, channels, H, W)
 SHAPES = [(1, 9, 3, 5, 3, 5), (2, 50, 7, 37, 13, 11)]
 

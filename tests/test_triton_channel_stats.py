@@ -5,13 +5,11 @@ import pytest
 import torch
 
 from densenet_fast.ops.triton import channel_stats, channel_stats_ref
+from helpers import dtype_params
 from triton_cases import DEVICE
 
-DTYPES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 1e-3, 1e-3),  # statistics of the same float16 values, accumulated in float32
-    pytest.param(torch.bfloat16, 1e-3, 1e-3, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
+# float16 and bfloat16: statistics of the same half-precision values, accumulated in float32.
+DTYPES = dtype_params("stats", torch.float32, torch.float16, torch.bfloat16, cuda_only=(torch.bfloat16,))
 # (N, buffer channels, channel offset, channels, H, W): several pixel tiles (23 x 25 > 256).
 SHAPES = [(1, 5, 0, 5, 3, 5), (2, 40, 3, 37, 23, 25), (3, 17, 0, 12, 1, 7)]
 

@@ -17,6 +17,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other Triton tests compile and run every kernel")
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm_90", "sm_80"])
 def test_kernels_compile_for_gpu(arch):
@@ -27,6 +28,7 @@ def test_kernels_compile_for_gpu(arch):
     assert f"compiled for sm_{arch}" in summary and int(summary.split()[0]) > 100, summary
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other Triton tests compile and run every kernel")
 def test_benchmark_kernels_keep_their_registers_and_matrix_units():
     """The launch configurations were chosen so that no kernel of the benchmark workloads spills

@@ -8,29 +8,18 @@ import torch
 
 import densenet_fast
 from densenet_fast.reference import DenseNet as ReferenceDenseNet
+from helpers import randomize_bn
 from triton_cases import DEVICE
 
-
-@pytest.fixture
-def triton_backend():
-    # On a GPU the reference's cuDNN convolutions would use TF32 by default: compare full float32.
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    with densenet_fast.use_backend("triton"):
-        yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+# Every test runs with backend "triton" pinned, in full float32 (on a GPU the reference's cuDNN
+# convolutions would use TF32 by default): the conftest fixtures.
+pytestmark = [pytest.mark.usefixtures("backend", "full_float32"),
+              pytest.mark.parametrize("backend", ["triton"], indirect=True)]
 
 
 def _pair(channels_last: bool, drop_rate: float = 0.0):
     torch.manual_seed(0)
-    ours = densenet_fast.densenet_bc(depth=10, growth_rate=4, drop_rate=drop_rate)
-    with torch.no_grad():  # non-trivial BN parameters and running stats
-        for m in ours.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    ours = randomize_bn(densenet_fast.densenet_bc(depth=10, growth_rate=4, drop_rate=drop_rate))
     ref = ReferenceDenseNet(4, (1, 1, 1), 8, num_classes=10, small_inputs=True, drop_rate=drop_rate)
     ref.load_state_dict(ours.state_dict())
     ours, ref = ours.to(DEVICE), ref.to(DEVICE)
@@ -48,9 +37,10 @@ def _run(model, x, seed=1):
     return out.detach(), x.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last, drop_rate", [(False, 0.0), (True, 0.0), (False, 0.3)],
                          ids=["nchw", "channels_last", "dropout"])
-def test_train_step_matches_reference(triton_backend, channels_last, drop_rate):
+def test_train_step_matches_reference(channels_last, drop_rate):
     ours, ref = _pair(channels_last, drop_rate)
     torch.manual_seed(3)
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
@@ -68,7 +58,7 @@ def test_train_step_matches_reference(triton_backend, channels_last, drop_rate):
         torch.testing.assert_close(b, ref_buffers[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_eval_forward_matches_reference(triton_backend):
+def test_eval_forward_matches_reference():
     ours, ref = _pair(False)
     ours.eval(), ref.eval()
     torch.manual_seed(4)
@@ -77,7 +67,7 @@ def test_eval_forward_matches_reference(triton_backend):
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
-def test_backend_serves_only_what_it_can(triton_backend):
+def test_backend_serves_only_what_it_can():
     from densenet_fast.ops import backend_for
 
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
@@ -87,7 +77,7 @@ def test_backend_serves_only_what_it_can(triton_backend):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the Triton kernels on CUDA only")
-def test_ops_trace_under_torch_compile(triton_backend):
+def test_ops_trace_under_torch_compile():
     """A layer's two forward ops in one fullgraph-compiled function (``out`` mutated in place) match eager."""
     from densenet_fast.ops.triton import bn_relu_conv1x1, bn_relu_conv3x3
 

@@ -1,14 +1,11 @@
 """What the Triton op tests share. ``TRITON_INTERPRET`` is set in conftest.py, before triton loads."""
-import pytest
 import torch
 
+from helpers import dtype_params
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (dtype, atol, rtol); bf16 tl.dot is wrong in Triton 3.8's CPU interpreter, so bf16 runs on CUDA only.
-DTYPES = [
-    (torch.float32, 1e-4, 1e-4),
-    (torch.float16, 1e-2, 1e-2),
-    pytest.param(torch.bfloat16, 5e-2, 2e-2, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA")),
-]
+# (dtype, atol, rtol) of the fused ops; bf16 tl.dot is wrong in Triton 3.8's CPU interpreter, so bf16 runs on CUDA only.
+DTYPES = dtype_params("op", torch.float32, torch.float16, torch.bfloat16, cuda_only=(torch.bfloat16,))
 
 
 def layout(t, channels_last):
