@@ -26,7 +26,7 @@ args = parser.parse_args()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import densenet_fast
-    from densenet_fast import ops
+    from densenet_fast.ops import registry as ops
 
     backends = densenet_fast.available_backends()
 

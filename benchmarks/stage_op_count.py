@@ -76,7 +76,7 @@ def _category(name: str, stack: list[str]) -> str:
     if files & {"torch_backend", "cpp_backend", "triton_backend"}:
         return "backend"
     func = frames[0][1] if frames else ""
-    if not ({"block", "block_algorithm", "sync"} & files):
+    if not ({"stage", "stage_algorithm", "stage_sync"} & files):
         return "model"
     if func in ("_new_running_stats", "_update_running_stats", "update_running_stats", "_cumulative_factors"):
         return "running stats"

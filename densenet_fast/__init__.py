@@ -5,11 +5,11 @@
 """
 from . import reference
 from .convert import convert
-from .distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from .fusion import FallbackError, get_fallback, reset_fallback_warnings, set_fallback
 from .memory import peak_memory
 from .models import DenseNet
 from .ops import available_backends, get_backend_name, set_backend, use_backend
+from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 # The builders carry torchvision's weight enums (for get_model_weights): importing torchvision costs
 # about 2 s, so builders.py loads on the first access to one of them.

@@ -5,7 +5,7 @@ build of it under a CPU-only torch, or the other C++ ABI can crash the process o
 (the dlopen may even succeed). So the build compiles a *build record* into the library, a string
 that names that torch (``setup.py`` calls :func:`record_source`), and :func:`load_extension`
 reads it from the file *without loading the library*, compares it with the running torch and
-loads only a match. A mismatch is refused with one warning, and the registry (``ops/__init__``)
+loads only a match. A mismatch is refused with one warning, and the registry (``ops/registry.py``)
 reports the ``cpp`` backend unavailable for that reason; the other backends still run.
 
 ``setup.py`` loads this file by path, so it imports nothing of densenet_fast.

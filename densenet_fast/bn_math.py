@@ -6,8 +6,8 @@
   (synchronized statistics).
 * :func:`update_running_stats`: torch.nn.BatchNorm's running-stats update.
 
-Here is the math alone: the block algorithm (``block_algorithm.py``, ``block.py``), synchronized
-statistics (``sync.py``), :class:`~densenet_fast.distributed.SyncBatchNorm2d` and the op
+Here is the math alone: the block algorithm (``stage_algorithm.py``, ``stage.py``), synchronized
+statistics (``stage_sync.py``), :class:`~densenet_fast.sync_batchnorm.SyncBatchNorm2d` and the op
 interface's PyTorch fallbacks (``ops/interface.py``) all call these. A backend's kernels may
 compute the same things in their own launches (``csrc/``, ``ops/triton/``); the PyTorch versions
 are these. Nothing here reads a tensor back to the host, and this module imports only torch, so

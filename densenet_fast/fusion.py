@@ -1,6 +1,6 @@
 """When a stage may run as the fused op, and what happens when it may not.
 
-The fused op (``block.py``) computes BatchNorm2d -> ReLU -> Conv2d 1x1 -> BatchNorm2d -> ReLU ->
+The fused op (``stage.py``) computes BatchNorm2d -> ReLU -> Conv2d 1x1 -> BatchNorm2d -> ReLU ->
 Conv2d 3x3 per layer, and BatchNorm2d -> ReLU -> Conv2d 1x1 -> AvgPool2d(2) for a transition, with
 each module's own hyper-parameters. It runs only when that provably is what the modules compute:
 

@@ -3,7 +3,7 @@
 Parameter and buffer names are torchvision's (``features.denseblock1.denselayer1.norm1.weight``,
 ``features.transition1.conv.weight``, ``classifier.weight``...), so state_dicts load both ways.
 Every module's forward is torchvision's, module by module; a dense block (with the transition
-after it) instead runs as one fused node (``densenet_fast.block``) when ``densenet_fast.fusion``
+after it) instead runs as one fused node (``densenet_fast.stage``) when ``densenet_fast.fusion``
 finds that node computes exactly what the modules say. TorchScript compiles only the modules'
 own path (the fused one is ``torch.jit.unused``).
 """
@@ -19,7 +19,7 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 from . import fusion
-from .block import Stage, dense_stage
+from .stage import Stage, dense_stage
 
 # Old torchvision checkpoints name a layer's modules 'norm.1', 'conv.2', ...
 _LEGACY_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
@@ -122,7 +122,7 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def stage(self, transition: Optional["_Transition"] = None, name: Optional[str] = None) -> Stage:
-        """The fused node of this block (and ``transition``), for ``densenet_fast.block.dense_stage``."""
+        """The fused node of this block (and ``transition``), for ``densenet_fast.stage.dense_stage``."""
         if name is None:
             name = self.stage_name + (f" + {transition.stage_name}" if transition is not None else "")
         layers = list(self.values())

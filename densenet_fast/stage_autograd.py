@@ -1,12 +1,12 @@
 """Double backward of the fused stage: its math again, in differentiable PyTorch ops.
 
-The stage's own backward (``block_algorithm.backward``) is not differentiable. When autograd asks
+The stage's own backward (``stage_algorithm.backward``) is not differentiable. When autograd asks
 for a graph of the gradients (``create_graph=True``: gradient penalties, Hessian-vector
 products), the stage's backward instead recomputes the stage from its saved inputs with
 torch.cat / batch_norm / relu / conv2d / avg_pool2d, reusing the forward's dropout masks, and
 differentiates that: torchvision's numbers, at torchvision's memory cost, only on that path.
 
-The stage's op saves its input for this as the first channels of its kept buffer (block.py), at no
+The stage's op saves its input for this as the first channels of its kept buffer (stage.py), at no
 memory cost, except under saved-tensor hooks of the user's own, which then save it as they save
 every tensor.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_PARAMS_PER_LAYER = 6  # as block_algorithm.PARAMS_PER_LAYER
+_PARAMS_PER_LAYER = 6  # as stage_algorithm.PARAMS_PER_LAYER
 
 
 def eval_running_stats(running: Sequence[Tensor], batch_stats: Sequence[bool]) -> list[Optional[tuple[Tensor, Tensor]]]:

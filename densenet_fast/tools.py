@@ -140,7 +140,7 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
             with use_backend(name):
                 pass
         except ValueError:  # not a backend of this package at all
-            from .ops import _FACTORIES
+            from .ops.registry import _FACTORIES
 
             raise UsageError(f"{PROG}: error: unknown backend {name!r}; expected one of "
                              f"{', '.join(sorted(_FACTORIES))}") from None

@@ -116,7 +116,7 @@ def test_chan_merge_gives_the_statistics_of_the_concatenated_data(dtype):
     exact_mean, exact_var = _stats(torch.cat(parts), correction=0)
     stats = [_stats(p.to(dtype), correction=0) for p in parts]
     means, variances = torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
-    for counts_dtype in (torch.float64, dtype):  # sync.py's counts, SyncBatchNorm2d's
+    for counts_dtype in (torch.float64, dtype):  # stage_sync.py's counts, SyncBatchNorm2d's
         counts = torch.tensor([p[:, 0].numel() for p in parts], dtype=counts_dtype)
         mean, var = bn_math.chan_merge(counts, means, variances)
         assert mean.dtype == var.dtype == dtype

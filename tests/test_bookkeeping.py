@@ -10,16 +10,16 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet_fast
-from densenet_fast import block
-from densenet_fast.block import dense_stage
+from densenet_fast import stage as stage_module
 from densenet_fast.models import _DenseBlock, _Transition
+from densenet_fast.stage import dense_stage
 from helpers import assert_close, backend_params, randomize_bn
 
 # Ops that read a tensor back to the host (or wait for its values).
 _HOST_READS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose",
                "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_consecutive"}
-_STAGE_OPS = {torch.ops.densenet_fast.dense_stage.default: block._dense_stage_op._init_fn,
-              torch.ops.densenet_fast.dense_stage_backward.default: block._dense_stage_backward_op._init_fn}
+_STAGE_OPS = {torch.ops.densenet_fast.dense_stage.default: stage_module._dense_stage_op._init_fn,
+              torch.ops.densenet_fast.dense_stage_backward.default: stage_module._dense_stage_backward_op._init_fn}
 
 
 class _Recorder(TorchDispatchMode):
@@ -174,7 +174,7 @@ def test_mixed_batchnorm_settings_in_one_stage_match_torchvision():
 
 def test_cumulative_average_needs_no_host_sync_and_matches_torch():
     """momentum=None over several BNs with different counts so far: one factor per BN, as tensors."""
-    from densenet_fast.block_algorithm import update_running_stats
+    from densenet_fast.stage_algorithm import update_running_stats
 
     gen = torch.Generator().manual_seed(2)
     norms = [torch.nn.BatchNorm2d(4, momentum=m).double() for m in (None, None, 0.2)]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import densenet_fast
-from densenet_fast import ops as registry, reference
+from densenet_fast import reference
+from densenet_fast.ops import registry
 
 if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
     pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)

@@ -577,7 +577,7 @@ def test_missing_extension_raises_a_helpful_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "densenet_fast.ops.cpp_backend", cpp_backend)
 
 
-# ---- CUDA (run on a GPU machine by benchmarks/gpu_check) ---------------------------------------
+# ---- CUDA (run on a GPU machine by tools/gpu_check) ---------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA_DTYPES = dtype_params("op", torch.float64, torch.float32) + dtype_params("cpp_cuda", torch.float16, torch.bfloat16)

@@ -4,7 +4,7 @@ torchvision under the same autocast, GradScaler, channels_last, device moves, to
 Inductor (default and reduce-overhead), a whole training step captured in a CUDA graph and
 replayed, and the errors of a device mix.
 
-These need a GPU: they run in ``benchmarks/gpu_check`` (its test stage runs this file first). On a
+These need a GPU: they run in ``tools/gpu_check`` (its test stage runs this file first). On a
 machine without CUDA, the same behaviours are tested on CPU by test_models, test_precision_and_layout,
 test_round_trips and test_compile.
 """
@@ -19,7 +19,7 @@ from torch import nn
 import densenet_fast
 from helpers import autocast_errors, compare_with_reference, randomize_bn, reference_twin
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in tools/gpu_check)")
 DEVICE = "cuda"
 # Each backend pinned in turn by the conftest fixture: plain names, so that one missing on a CUDA
 # machine (where every backend should be available) fails its tests with use_backend's reason.

@@ -4,7 +4,7 @@ torch.nn.SyncBatchNorm refuses CPU tensors, so on CPU synchronized BN is checked
 is defined to compute: BN over the batch of all processes together, i.e. the naive reference run
 on the concatenated batch (outputs, running stats, and the sum of the processes' gradients). With
 CUDA, both processes share the GPU and it is also checked against torch.nn.SyncBatchNorm itself
-on a torchvision model (that case runs in benchmarks/gpu_check).
+on a torchvision model (that case runs in tools/gpu_check).
 """
 
 import copy

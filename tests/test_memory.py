@@ -6,8 +6,8 @@ import torch
 import densenet_fast
 from densenet_fast import reference
 from densenet_fast.bench import activation_peak
-from densenet_fast.block import dense_stage
 from densenet_fast.models import _DenseBlock, _Transition
+from densenet_fast.stage import dense_stage
 
 
 def _peaks(depth):
@@ -54,7 +54,7 @@ def test_a_stage_call_leaves_no_reference_cycle():
     with the collector off, the number alive does not grow with the steps."""
     import gc
 
-    from densenet_fast.block import _InputAsBufferPrefix
+    from densenet_fast.stage import _InputAsBufferPrefix
 
     torch.manual_seed(0)
     stage = _DenseBlock(2, 4, 2, 3, 0.0).double().stage(_Transition(10, 3).double())

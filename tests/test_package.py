@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import densenet_fast
-from densenet_fast import _extension, ops
+from densenet_fast import _extension
+from densenet_fast.ops import registry as ops
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() != "0"
@@ -69,7 +70,7 @@ def test_import_adds_only_its_own_modules_to_torchs():
 
 
 def test_backend_name_is_marked_constant_as_assume_constant_result_marks():
-    # ops/__init__ sets the decorator's attribute itself (the decorator imports torch._dynamo);
+    # ops/registry.py sets the decorator's attribute itself (the decorator imports torch._dynamo);
     # if torch ever marks functions differently, this fails (test_compile would recompile).
     import torch._dynamo
 
@@ -233,8 +234,9 @@ def test_without_a_compiler_the_package_installs_pure_pytorch(tmp_path):
     assert "densenet_fast/ops/cpp_backend.py" in names and not [n for n in names if n.endswith(".so")], names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import densenet_fast, torch; from densenet_fast import ops; print(densenet_fast.__file__); "
-             "print(densenet_fast.available_backends()); print(ops._unavailable['cpp'])")
+    probe = ("import densenet_fast, torch; from densenet_fast.ops import registry as ops; "
+             "print(densenet_fast.__file__); print(densenet_fast.available_backends()); "
+             "print(ops._unavailable['cpp'])")
     # -S: no .pth files, so an editable install of densenet_fast in this venv can't supply its _C.
     path = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     run = subprocess.run([sys.executable, "-S", "-c", probe], env=_env(PYTHONPATH=path), capture_output=True,

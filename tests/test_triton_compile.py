@@ -3,7 +3,7 @@ specialization the model launches: float32, float16, bfloat16 autocast, NCHW and
 training and inference, odd spatial sizes, dropout, kept bottlenecks.
 
 The other Triton tests run the kernels in the CPU interpreter, which accepts programs the GPU
-compiler rejects; this one needs no GPU either (benchmarks/triton_aot.py compiles without
+compiler rejects; this one needs no GPU either (tools/triton_aot.py compiles without
 launching). On a CUDA machine the other tests compile and run the kernels themselves.
 """
 import re
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "triton_aot.py"
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_benchmark_kernels_keep_their_registers_and_matrix_units():
 
 
 def test_sass_facts_find_the_hot_loop():
-    """benchmarks/sass_facts.py on a hand-written SASS listing: the innermost loop holding the
+    """tools/sass_facts.py on a hand-written SASS listing: the innermost loop holding the
     matrix instructions, its async copies, wgmma wait depth and narrow loads."""
     sys.path.insert(0, str(SCRIPT.parent))
     from sass_facts import facts

@@ -1,6 +1,6 @@
 """The per-layer op interface that every backend implements.
 
-The block algorithm (``densenet_fast.block_algorithm``) owns the batch-norm bookkeeping: statistics, running
+The block algorithm (``densenet_fast.stage_algorithm``) owns the batch-norm bookkeeping: statistics, running
 stats, the per-channel ``scale``/``shift`` of each BN, and the folding of BN's backward into
 per-channel constants. A backend only provides the fused "affine-ReLU-conv" pieces below, which see
 BN as ``relu(x * scale + shift)`` with one ``scale`` and ``shift`` per input channel.
@@ -62,7 +62,7 @@ class StatsOut(NamedTuple):
 
 
 class CoefSums(NamedTuple):
-    """Where a backward op adds its BN's batch-statistics terms (block_algorithm's docstring): the
+    """Where a backward op adds its BN's batch-statistics terms (stage_algorithm's docstring): the
     rows ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy`` of the stage's accumulator, with
     the BN's per-channel factors ``fx``, ``fc``; all in the statistics dtype, each contiguous. A
     backend that finishes its reductions on the device adds them in that launch; the others call
@@ -259,7 +259,7 @@ class Backend(ABC):
         This is the part of BN's backward that goes through the batch statistics, summed over
         every BN that normalized these channels, applied once per channel. With ``factors``
         ``(fx, fc)`` the coefficients are ``fx * coef_x`` and ``fc * coef_c`` (a BN's factors
-        times its reductions, see block_algorithm's docstring).
+        times its reductions, see stage_algorithm's docstring).
         """
 
     def bn_coefficients(self, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -1,5 +1,5 @@
 """In place ``grad_x += coef_x * (x - center) + coef_c``: BN's backward through the batch statistics,
-applied once per channel of the gradient buffer (``block.py`` sums the coefficients of every BN that
+applied once per channel of the gradient buffer (``stage.py`` sums the coefficients of every BN that
 read the channel). An elementwise kernel over (tile of the batch's pixels, channel tile); the
 arithmetic is float32 whatever the activations' dtype.
 """

@@ -83,7 +83,7 @@ def gemm_warps(precision: str, acc_elements: int) -> int:
     """Warps of a GEMM kernel whose accumulator tile has ``acc_elements``. float32 without TF32
     ("ieee") has no tensor-core path: its dot runs on FMAs with each thread's share of the
     operands in registers, and at 4 warps a 64x64 tile spills (``ptxas -v``, see
-    benchmarks/triton_aot.py --resources), so it gets 8 warps, as do tiles of 128x128 and up;
+    tools/triton_aot.py --resources), so it gets 8 warps, as do tiles of 128x128 and up;
     smaller FMA tiles keep 4 (at 8, ptxas capped a 64x32 tile at 128 registers and spilled)."""
     if precision == "ieee":
         return 8 if acc_elements >= 64 * 64 else 4

@@ -4,7 +4,7 @@
 numbers and tensors and calls ``densenet_fast::dense_stage``, a ``torch.library`` custom op whose
 backward is another custom op, so the whole stage is one autograd node in eager mode and one
 opaque node that ``torch.compile`` traces without graph breaks. The math is in
-``block_algorithm.py``.
+``stage_algorithm.py``.
 
 Running stats are updated exactly once per training forward: the op returns the stage's batch
 statistics packed in one tensor and the wrapper updates every module buffer of the stage from it
@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import block_algorithm as algo, stage_autograd
+from . import stage_algorithm as algo, stage_autograd
 from .bn_math import update_running_stats
 from .fusion import autocast_dtype
 from .ops import backend_name_for, backend_named
 from .ops.interface import memory_format, stats_dtype
-from .sync import BatchSync, active_group
+from .stage_sync import BatchSync, active_group
 
 # Process groups of synchronized stages, referred to by index in the op's arguments.
 _PROCESS_GROUPS: list = []
@@ -92,7 +92,7 @@ def _out_of_memory_names(name: str, x: Tensor, phase: str):
 
 
 # --- the custom ops -------------------------------------------------------------------------------
-# Arguments: the stage as ``ints`` and ``floats`` (block_algorithm.encode writes them, decode reads
+# Arguments: the stage as ``ints`` and ``floats`` (stage_algorithm.encode writes them, decode reads
 # them back, cached); ``params`` with empty placeholders for absent BN weights and biases;
 # ``running`` the running (mean, var) of each BN that normalizes with them (eval mode).
 
@@ -133,7 +133,7 @@ def _dense_stage_op(
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Returns (output, buffer or empty, packed numbers, masks, bottlenecks, cast conv weights).
 
-    The packed numbers (block_algorithm's Layout) hold the stage's batch statistics, from which the
+    The packed numbers (stage_algorithm's Layout) hold the stage's batch statistics, from which the
     caller updates the running stats, and the BN coefficients backward reads. Conv weights cast to
     the activations' dtype (autocast) come back so that backward does not cast them again.
     """

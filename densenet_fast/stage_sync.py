@@ -1,6 +1,6 @@
 """Synchronized batch statistics across the processes of a group (SyncBatchNorm semantics).
 
-Used by the block algorithm (``block_algorithm.py``), which calls these at the few places BN needs
+Used by the block algorithm (``stage_algorithm.py``), which calls these at the few places BN needs
 global numbers: a channel's statistics once when it is written (merged from every process's mean
 and variance, weighted by their counts: stable when the mean is large), a bottleneck's statistics
 per layer, and in backward the accumulated per-channel coefficients once per channel. Parameter

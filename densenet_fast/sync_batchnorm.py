@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .bn_math import chan_merge, coefficients, rsqrt_eps, update_running_stats
 from .models import _DenseBlock, _Transition
 from .ops.interface import stats_dtype
-from .sync import active_group
+from .stage_sync import active_group
 
 
 class _AllReduceSum(torch.autograd.Function):

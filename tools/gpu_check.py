@@ -1,7 +1,7 @@
-"""The benchmark part of ``benchmarks/gpu_check``: densenet_fast's backends against torchvision on CUDA.
+"""The benchmark part of ``tools/gpu_check``: densenet_fast's backends against torchvision on CUDA.
 
-    python benchmarks/gpu_check.py --out FILE [--deadline EPOCH_SECONDS] [--compile] [--tf32 off]
-    python benchmarks/gpu_check.py --cpu-smoke --out FILE   # tiny shapes on CPU: checks the plumbing only
+    python tools/gpu_check.py --out FILE [--deadline EPOCH_SECONDS] [--compile] [--tf32 off]
+    python tools/gpu_check.py --cpu-smoke --out FILE   # tiny shapes on CPU: checks the plumbing only
 
 float32 is compared like for like: TF32 on both sides by default (torch.backends.cudnn.allow_tf32
 for torchvision's cuDNN convolutions, torch.backends.cuda.matmul.allow_tf32 for the triton

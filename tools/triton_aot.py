@@ -15,14 +15,14 @@ with 1, naming the kernel and its signature, if any variant fails to compile (or
 SASS_RULES below). Compile time here is CPU time, so the summary also says what the first GPU run
 pays for compilation.
 
-    python benchmarks/triton_aot.py                       # sm_90; small nets in every mode (CI)
-    python benchmarks/triton_aot.py --arch 80             # sm_80 (A100)
-    python benchmarks/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
-    python benchmarks/triton_aot.py --set bench --resources  # + registers, spills and SASS facts per variant
-    python benchmarks/triton_aot.py --set bench --batch 2 --resources --max-spill 1024 --check-sass  # CI
+    python tools/triton_aot.py                       # sm_90; small nets in every mode (CI)
+    python tools/triton_aot.py --arch 80             # sm_80 (A100)
+    python tools/triton_aot.py --set bench --jobs 4  # gpu_check's benchmark workloads, 4 processes
+    python tools/triton_aot.py --set bench --resources  # + registers, spills and SASS facts per variant
+    python tools/triton_aot.py --set bench --batch 2 --resources --max-spill 1024 --check-sass  # CI
 
 Compiled kernels land in Triton's on-disk cache (~/.triton/cache, or TRITON_CACHE_DIR), keyed by
-source, target and specialization, not by how they were compiled. So ``benchmarks/gpu_check`` runs
+source, target and specialization, not by how they were compiled. So ``tools/gpu_check`` runs
 ``--set bench`` in the background on the GPU machine's spare cores: the benchmarks' warm-up steps
 then find most kernels compiled (a key that differs, say by a pointer's alignment, only costs a
 compile there, as it would have anyway).
@@ -269,7 +269,7 @@ def workloads(which: str, batch: int = 64):
         cases.append(("bc10 dropout", lambda: small(drop_rate=0.2), (2, 3, 8, 8), torch.float32, None, False, True))
         cases.append(("bc10 keep bottlenecks", lambda: small(memory_efficient=False), (2, 3, 8, 8),
                       torch.float32, None, False, True))
-    if which in ("bench", "all"):  # as benchmarks/gpu_check.py runs them
+    if which in ("bench", "all"):  # as tools/gpu_check.py runs them
         bc100 = lambda: densenet_fast.densenet_bc(depth=100, growth_rate=12)  # noqa: E731
         for amp, label in ((None, "fp32"), (torch.bfloat16, "bf16 autocast")):
             cases.append((f"densenet121 b{batch} 224² {label}", densenet_fast.densenet121, (batch, 3, 224, 224),

@@ -30,7 +30,7 @@ Packed numbers
 
 Everything here is plain data: a :class:`StageSpec` of numbers (no modules), decoded once from the
 custom op's argument lists (``decode``), so the whole stage can run as one registered op
-(``block.py``). Tensor arithmetic goes through the backend's op interface (``ops/interface.py``)
+(``stage.py``). Tensor arithmetic goes through the backend's op interface (``ops/interface.py``)
 and BN's own formulas (invstd, running stats) through ``bn_math.py``; this module only does
 per-channel bookkeeping.
 """
@@ -46,7 +46,7 @@ from torch import Tensor
 # update_running_stats lived here before bn_math: re-exported for callers that import it from here.
 from .bn_math import rsqrt_eps, update_running_stats as update_running_stats
 from .ops.interface import Backend, CoefsFrom, CoefSums, StatsOut, memory_format, stats_dtype
-from .sync import BatchSync
+from .stage_sync import BatchSync
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 # then the transition's norm.weight, norm.bias, conv.weight

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import densenet_fast
-from densenet_fast import ops
-from densenet_fast.block import Stage, dense_stage
 from densenet_fast.models import _DenseBlock, _Transition
+from densenet_fast.ops import registry as ops
+from densenet_fast.stage import Stage, dense_stage
 from helpers import randomize_bn
 
 
