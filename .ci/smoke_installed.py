@@ -1,13 +1,13 @@
 """Smoke test of an installed (non-editable) densenet_fast, run from outside the source tree by .ci/run.
 
-    smoke_installed.py --backends torch,cpp [--against torchvision|reference] [--mismatch TEXT ...]
+    smoke_installed.py --backends torch,cpp,composite [--against torchvision|reference] [--mismatch TEXT ...]
 
 Checks that the package imported is the installed one, that available_backends() is exactly
 --backends, and that one float64 training step (output, input gradient, every parameter gradient,
 running statistics) of a small DenseNet matches torchvision's (or densenet_fast.reference's, where
 torchvision is not installed) on every available backend. --mismatch (repeatable): the compiled
-extension must have been refused with one one-line warning containing each TEXT, and the cpp
-registry reason too.
+extension must have been refused with one one-line warning containing each TEXT, and the registry
+reasons of both backends on it (cpp, composite) too.
 """
 import argparse
 import copy
@@ -40,10 +40,11 @@ if args.mismatch:
     assert len(refusals) == 1, f"expected one refusal warning, got {[str(w.message) for w in caught]}"
     w = refusals[0]
     shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
-    reason = ops._unavailable.get("cpp", "")
     for text in args.mismatch:
         assert text in shown, shown
-        assert text in reason, f"cpp registry reason: {reason!r}"
+        for name in ("cpp", "composite"):
+            reason = ops._unavailable.get(name, "")
+            assert text in reason, f"{name} registry reason: {reason!r}"
     assert shown.count("\n") == 1, f"not one line: {shown!r}"
     message = str(w.message)
     print(f"refused as expected: {message}")

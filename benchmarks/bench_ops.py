@@ -53,6 +53,12 @@ class Layer:
         self.grad_z = rand(N, BOTTLENECK, HW, HW)
         self.grad_new = rand(N, K, HW, HW)
         self.grad_pooled = rand(N, PREFIX_C // 2, HW // 2, HW // 2)
+        # The backward ops' accumulators, as the block algorithm passes them: the gradient buffer's
+        # prefix (added into), and new tensors for the bottleneck and the transition (written).
+        self.grad_buffer = torch.zeros_like(self.buffer)
+        self.grad_x = self.grad_buffer[:, :PREFIX_C]
+        self.grad_z_out = torch.empty_like(self.z)
+        self.grad_x_out = torch.empty_like(self.x)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def test_bn_relu_conv1x1_backward(benchmark, layer, impl):
     else:
         backend = _backend(impl, layer)
         _bench(benchmark, "bn_relu_conv1x1_backward", lambda: backend.bn_relu_conv1x1_backward(
-            layer.grad_z, layer.x, layer.scale, layer.shift, layer.w1, layer.mean, None, True))
+            layer.grad_z, layer.x, layer.scale, layer.shift, layer.w1, layer.mean, layer.grad_x, True, True))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -139,7 +145,8 @@ def test_bn_relu_conv3x3_backward(benchmark, layer, impl):
     else:
         backend = _backend(impl, layer)
         _bench(benchmark, "bn_relu_conv3x3_backward", lambda: backend.bn_relu_conv3x3_backward(
-            layer.grad_new, layer.z, layer.z_scale, layer.z_shift, layer.w3, layer.z_center, None, True))
+            layer.grad_new, layer.z, layer.z_scale, layer.z_shift, layer.w3, layer.z_center, layer.grad_z_out, False,
+            True))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -163,4 +170,5 @@ def test_bn_relu_pool_conv1x1_backward(benchmark, layer, impl):
     else:
         backend = _backend(impl, layer)
         _bench(benchmark, "bn_relu_pool_conv1x1_backward", lambda: backend.bn_relu_pool_conv1x1_backward(
-            layer.grad_pooled, layer.x, layer.scale, layer.shift, layer.w_t, layer.mean, None, True))
+            layer.grad_pooled, layer.x, layer.scale, layer.shift, layer.w_t, layer.mean, layer.grad_x_out, False,
+            True))

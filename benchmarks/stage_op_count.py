@@ -73,7 +73,7 @@ def _category(name: str, stack: list[str]) -> str:
     frames = [m.groups() for m in map(_FRAME.search, stack) if m]  # innermost first
     name = _called(name, stack)
     files = {f for f, _ in frames}
-    if files & {"torch_backend", "cpp_backend", "triton_backend"}:
+    if files & {"torch_backend", "cpp_backend", "composite_backend", "triton_backend"}:
         return "backend"
     func = frames[0][1] if frames else ""
     if not ({"stage", "stage_algorithm", "stage_sync"} & files):

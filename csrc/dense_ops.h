@@ -45,18 +45,18 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
 std::tuple<Tensor, Tensor> bn_relu_conv3x3_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift,
                                                const Tensor& weight, const Tensor& out,
                                                const std::optional<Tensor>& noise, bool with_stats);
-// Backward ops return (new grad_x or an empty tensor when grad_x was given, grad_weight or
-// empty, sum_dy, sum_dy_xc).
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
+// Backward ops write (accumulate: add) scale * dy into every element of grad_x and return
+// (grad_weight or empty, sum_dy, sum_dy_xc).
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad);
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad);
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
     const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad);
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad);
 Tensor bn_relu_pool_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight);
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad);
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad);
 
 #ifdef DENSENET_FAST_WITH_CUDA
 // ---- Primitives, CUDA (primitives_cuda.cu) ------------------------------------------------

@@ -497,11 +497,6 @@ Tensor merge_weight_grads(const std::vector<Tensor>& parts, const Tensor& weight
 // Stands for an output the caller didn't ask for (ops return tensors, never None).
 Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 
-// A new gradient in x's layout when the caller gave no accumulator.
-Tensor new_grad_like(const Tensor& x, const ActivationLayout& l) {
-  return at::empty(x.sizes(), x.options().memory_format(memory_format_of(l)));
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
@@ -554,12 +549,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   return {z, mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   const ActivationLayout lx = activation_layout(x, "x"), lo = activation_layout(grad_out, "grad_out");
-  const bool accumulate = grad_x.has_value();
-  Tensor gx = accumulate ? *grad_x : new_grad_like(x, lx);
+  const Tensor& gx = grad_x;
   const ActivationLayout lg = activation_layout(gx, "grad_x");
   const int64_t out_channels = weight.size(0);
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
@@ -607,7 +601,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   });
   auto [sum_dy, sum_dy_xc] = sums.totals(x);
   Tensor grad_weight = need_weight_grad ? merge_weight_grads(weight_grads, weight) : nothing(x);
-  return {accumulate ? nothing(x) : gx, grad_weight, sum_dy, sum_dy_xc};
+  return {grad_weight, sum_dy, sum_dy_xc};
 }
 
 std::tuple<Tensor, Tensor> bn_relu_conv3x3_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift,
@@ -638,9 +632,9 @@ std::tuple<Tensor, Tensor> bn_relu_conv3x3_cpu(const Tensor& z, const Tensor& sc
   return moments_to_stats(moments, z);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
     const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   const ActivationLayout lz = activation_layout(z, "z");
   const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, lz.channels * lz.pixels));
   const bool inner = lz.channels_inner();
@@ -686,10 +680,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_cpu(
     }
   }
   dy = conform_input(dy, lz, "grad_y");
-  // Without an accumulator the result is written over dy itself.
-  Tensor target = grad_x.has_value() ? *grad_x : dy;
-  auto [sum_dy, sum_dy_xc] = bn_relu_backward_cpu_out(dy, z, scale, shift, center, target, grad_x.has_value());
-  return {grad_x.has_value() ? nothing(z) : dy, grad_weight, sum_dy, sum_dy_xc};
+  auto [sum_dy, sum_dy_xc] = bn_relu_backward_cpu_out(dy, z, scale, shift, center, grad_x, accumulate);
+  return {grad_weight, sum_dy, sum_dy_xc};
 }
 
 Tensor bn_relu_pool_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
@@ -719,14 +711,15 @@ Tensor bn_relu_pool_conv1x1_cpu(const Tensor& x, const Tensor& scale, const Tens
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   const ActivationLayout lx = activation_layout(x, "x"), lo = activation_layout(grad_out, "grad_out");
-  const bool accumulate = grad_x.has_value();
-  Tensor gx = accumulate ? *grad_x : new_grad_like(x, lx);
+  const Tensor& gx = grad_x;
   const ActivationLayout lg = activation_layout(gx, "grad_x");
   const int64_t out_height = x.size(2) / 2, out_width = x.size(3) / 2, out_channels = weight.size(0);
+  // No output row: no tile walks the input, whose gradient is 0 (every element is written).
+  if (out_height == 0 && !accumulate) gx.zero_();
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   // avg_pool2d's backward divides by 4: folded into the weight (exact, a power of two).
   const Tensor w_quarter_t = w2d.t().contiguous().mul_(0.25);
@@ -775,7 +768,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   });
   auto [sum_dy, sum_dy_xc] = sums.totals(x);
   Tensor grad_weight = need_weight_grad ? merge_weight_grads(weight_grads, weight) : nothing(x);
-  return {accumulate ? nothing(x) : gx, grad_weight, sum_dy, sum_dy_xc};
+  return {grad_weight, sum_dy, sum_dy_xc};
 }
 
 }  // namespace densenet_fast

@@ -3,7 +3,7 @@
 // Schemas live in TORCH_LIBRARY(densenet_fast); every op's implementation first runs the checks
 // below (each names the argument and what was expected), then calls the device kernel:
 // *_cpu in primitives_cpu.cpp / fused_cpu.cpp, *_cuda in primitives_cuda.cu. Fake (meta)
-// implementations for torch.compile are registered from Python (densenet_fast/ops/cpp_backend.py).
+// implementations for torch.compile are registered from Python (densenet_fast/ops/extension_ops.py).
 //
 // Two families of ops:
 //  * primitives (CPU and CUDA): channel statistics, relu(x * scale + shift), the BN-ReLU
@@ -12,8 +12,10 @@
 //    prologue recomputed tile by tile next to ATen's GEMMs;
 //  * the per-BN numbers (CPU): a StatsOut's rows and a BN's coefficients in one loop each,
 //    where the same few PyTorch ops per BN cost more than the small layers' GEMMs.
-// Backward ops take an optional accumulator `grad_x` (mutated) and return a new gradient only
-// when it was None; outputs not asked for come back as empty tensors.
+// Backward ops take the caller's accumulator `grad_x` (x's shape and layout family, mutated) and
+// a flag: with `accumulate` they add scale * dy into it, without it they write scale * dy over
+// every element (its previous contents are never read). Outputs not asked for come back as
+// empty tensors.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -93,11 +95,10 @@ void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArray
   check_same_shape(t, name, shape, what);
 }
 
-// The optional accumulator of a backward: x's shape, dtype and device, and x's layout family.
-void check_grad_x(const std::optional<Tensor>& grad_x, const Tensor& x) {
-  if (!grad_x.has_value()) return;
-  check_like(*grad_x, "grad_x", x, x.sizes(), "the shape of 'x'");
-  check_output_layout(*grad_x, activation_layout(x, "x"), "grad_x");
+// The accumulator of a backward: x's shape, dtype and device, and x's layout family.
+void check_grad_x(const Tensor& grad_x, const Tensor& x) {
+  check_like(grad_x, "grad_x", x, x.sizes(), "the shape of 'x'");
+  check_output_layout(grad_x, activation_layout(x, "x"), "grad_x");
 }
 
 std::vector<int64_t> conv_output_shape(const Tensor& x, const Tensor& weight, bool pooled) {
@@ -132,9 +133,9 @@ Tensor affine_relu_op(const Tensor& x, const Tensor& scale, const Tensor& shift)
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
-                                                    const Tensor& shift, const Tensor& center,
-                                                    const std::optional<Tensor>& grad_x) {
+std::tuple<Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
+                                               const Tensor& shift, const Tensor& center, const Tensor& grad_x,
+                                               bool accumulate) {
   NestedAtenCalls guard;
   check_x(x, true);
   check_bn(x, scale, shift, x.size(1));
@@ -143,18 +144,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_op(const Tensor& grad_y, con
   check_grad_x(grad_x, x);
   const ActivationLayout lx = activation_layout(x, "x");
   Tensor gy = conform_input(grad_y, lx, "grad_y");
-  const bool accumulate = grad_x.has_value();
-  Tensor target = accumulate ? *grad_x : at::empty(x.sizes(), x.options().memory_format(memory_format_of(lx)));
-  Tensor sum_dy, sum_dy_xc;
 #ifdef DENSENET_FAST_WITH_CUDA
-  if (x.is_cuda()) {
-    std::tie(sum_dy, sum_dy_xc) = bn_relu_backward_cuda_out(gy, x, scale, shift, center, target, accumulate);
-  } else
+  if (x.is_cuda()) return bn_relu_backward_cuda_out(gy, x, scale, shift, center, grad_x, accumulate);
 #endif
-  {
-    std::tie(sum_dy, sum_dy_xc) = bn_relu_backward_cpu_out(gy, x, scale, shift, center, target, accumulate);
-  }
-  return {accumulate ? at::empty({0}, x.options()) : target, sum_dy, sum_dy_xc};
+  return bn_relu_backward_cpu_out(gy, x, scale, shift, center, grad_x, accumulate);
 }
 
 void bn_coefficients_op(const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
@@ -216,7 +209,7 @@ std::tuple<Tensor, Tensor> bn_relu_conv3x3_op(const Tensor& z, const Tensor& sca
 }
 
 void check_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                         const Tensor& weight, const Tensor& center, const std::optional<Tensor>& grad_x, int64_t kernel,
+                         const Tensor& weight, const Tensor& center, const Tensor& grad_x, int64_t kernel,
                          bool pooled) {
   check_layer_args(x, scale, shift, weight, kernel);
   check_channel_vector(center, "center", x, x.size(1));
@@ -225,22 +218,22 @@ void check_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& 
   check_grad_x(grad_x, x);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_op(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, false);
   return bn_relu_conv1x1_backward_cpu(plain(grad_out), plain(x), plain(scale), plain(shift), plain(weight), plain(center),
-                                      plain(grad_x), need_weight_grad);
+                                      plain(grad_x), accumulate, need_weight_grad);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
     const Tensor& grad_out, const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, z, scale, shift, weight, center, grad_x, 3, false);
   return bn_relu_conv3x3_backward_cpu(plain(grad_out), plain(z), plain(scale), plain(shift), plain(weight), plain(center),
-                                      plain(grad_x), need_weight_grad);
+                                      plain(grad_x), accumulate, need_weight_grad);
 }
 
 Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
@@ -249,25 +242,25 @@ Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tenso
   return bn_relu_pool_conv1x1_cpu(plain(x), plain(scale), plain(shift), plain(weight));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
+std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
     const Tensor& grad_out, const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight,
-    const Tensor& center, const std::optional<Tensor>& grad_x, bool need_weight_grad) {
+    const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, true);
   return bn_relu_pool_conv1x1_backward_cpu(plain(grad_out), plain(x), plain(scale), plain(shift), plain(weight),
-                                           plain(center), plain(grad_x), need_weight_grad);
+                                           plain(center), plain(grad_x), accumulate, need_weight_grad);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(densenet_fast, m) {
   // Where the fake (meta) implementations are, for torch.compile.
-  m.set_python_module("densenet_fast.ops.cpp_backend");
+  m.set_python_module("densenet_fast.ops.extension_ops");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("affine_relu(Tensor x, Tensor scale, Tensor shift) -> Tensor");
-  m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor center, Tensor(a!)? grad_x)"
-        " -> (Tensor new_grad_x, Tensor sum_dy, Tensor sum_dy_xc)");
+  m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor center, Tensor(a!) grad_x,"
+        " bool accumulate) -> (Tensor sum_dy, Tensor sum_dy_xc)");
   m.def("bn_grad_finalize(Tensor(a!) grad_x, Tensor x, Tensor center, Tensor coef_x, Tensor coef_c) -> ()");
   m.def("bn_coefficients(Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor(a!) coefs) -> ()");
   m.def("write_stats(Tensor(a!) stats, Tensor mean, Tensor var, int count, float eps, Tensor? weight, Tensor? bias,"
@@ -277,15 +270,15 @@ TORCH_LIBRARY(densenet_fast, m) {
   m.def("bn_relu_conv3x3(Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out, Tensor? noise,"
         " bool with_stats) -> (Tensor mean, Tensor var)");
   m.def("bn_relu_conv1x1_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor weight, Tensor center,"
-        " Tensor(a!)? grad_x, bool need_weight_grad)"
-        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+        " Tensor(a!) grad_x, bool accumulate, bool need_weight_grad)"
+        " -> (Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
   m.def("bn_relu_conv3x3_backward(Tensor grad_out, Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor center,"
-        " Tensor(a!)? grad_x, bool need_weight_grad)"
-        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+        " Tensor(a!) grad_x, bool accumulate, bool need_weight_grad)"
+        " -> (Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
   m.def("bn_relu_pool_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
   m.def("bn_relu_pool_conv1x1_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor weight,"
-        " Tensor center, Tensor(a!)? grad_x, bool need_weight_grad)"
-        " -> (Tensor new_grad_x, Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
+        " Tensor center, Tensor(a!) grad_x, bool accumulate, bool need_weight_grad)"
+        " -> (Tensor grad_weight, Tensor sum_dy, Tensor sum_dy_xc)");
 }
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
@@ -304,7 +297,7 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
 }
 
 #ifdef DENSENET_FAST_WITH_CUDA
-// On CUDA the primitives run as kernels; the cpp backend composes them with ATen's GEMMs.
+// On CUDA the primitives run as kernels; the composite backend composes them with ATen's convolutions.
 TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("channel_stats", &channel_stats_op);
   m.impl("affine_relu", &affine_relu_op);

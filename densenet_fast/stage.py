@@ -194,7 +194,8 @@ def _(grad_out, buf, packed, masks, bottlenecks, params, weights, ints, floats, 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     c0 = algo.decode(ints, floats).in_channels
     grad_x = buf.new_empty((n, c0, h, w)).contiguous(memory_format=fmt) if x_needs else buf.new_empty(0)
-    return grad_x, [torch.empty_like(p) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
+    # Parameter grads come back contiguous (the backends' ConvGrads), in the parameters' dtype.
+    return grad_x, [p.new_empty(p.shape) if need and p.numel() else buf.new_empty(0) for p, need in zip(params, needs)]
 
 
 class _InputAsBufferPrefix:

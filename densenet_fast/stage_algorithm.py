@@ -388,8 +388,8 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
              sync: Optional[BatchSync]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
     """Returns (grad of the stage input or None, grads of ``params`` with None where not needed).
 
-    ``params`` as in forward (conv weights in the activations' dtype); weight grads come back in
-    the activations' dtype and BN grads in the statistics dtype: the caller casts them.
+    ``params`` as in forward (conv weights in the activations' dtype); conv weight grads (contiguous)
+    and BN grads come back in the statistics dtype: the caller casts them to the parameters' dtype.
     """
     buf, packed, lay = saved.buf, saved.packed, spec.layout
     num_layers, k, c0 = spec.num_layers, spec.growth_rate, spec.in_channels
@@ -411,9 +411,11 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
         j, base = 2 * num_layers, num_layers * PARAMS_PER_LAYER
         bnt = coefs[j]
         coef_sums = CoefSums(acc[0], acc[1], kx[j], kc[j]) if spec.batch_stats[j] else None
+        grad_buf = torch.empty_like(buf)
         r = backend.bn_relu_pool_conv1x1_backward(
-            grad_out, buf, bnt.scale, bnt.shift, params[base + 2], bnt.center, None, needs[base + 2], coef_sums)
-        grad_buf, grads[base + 2], sums[j] = r.grad_x, r.grad_weight, (r.sum_dy, r.sum_dy_xc)
+            grad_out, buf, bnt.scale, bnt.shift, params[base + 2], bnt.center, grad_buf, False, needs[base + 2],
+            coef_sums)
+        grads[base + 2], sums[j] = r.grad_weight, (r.sum_dy, r.sum_dy_xc)
         del r
     else:
         grad_buf = torch.empty_like(buf)
@@ -440,17 +442,18 @@ def backward(backend: Backend, spec: StageSpec, saved: Saved, grad_out: Tensor, 
         z = saved.bottlenecks[i] if not spec.memory_efficient else None
         if z is None:
             z = backend.bn_relu_conv1x1(buf[:, :c], bn1.scale, bn1.shift, conv1, False)[0]
-        r2 = backend.bn_relu_conv3x3_backward(grad_new, z, bn2.scale, bn2.shift, conv2, bn2.center, None,
+        grad_z = torch.empty_like(z)
+        r2 = backend.bn_relu_conv3x3_backward(grad_new, z, bn2.scale, bn2.shift, conv2, bn2.center, grad_z, False,
                                               needs[base + 5])
         del grad_new
-        grads[base + 5], sums[j2], grad_z = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc), r2.grad_x
+        grads[base + 5], sums[j2] = r2.grad_weight, (r2.sum_dy, r2.sum_dy_xc)
         if spec.batch_stats[j2]:
             sum_dy, sum_dy_xc = sums[j2] if sync is None else sync.sum(*sums[j2])  # parameter grads stay local
             backend.bn_grad_finalize(grad_z, z, bn2.center, sum_dy_xc, sum_dy, (kx[j2], kc[j2]))
         del z, r2
         coef_sums = CoefSums(acc[0, :c], acc[1, :c], kx[j1], kc[j1]) if spec.batch_stats[j1] else None
         r1 = backend.bn_relu_conv1x1_backward(grad_z, buf[:, :c], bn1.scale, bn1.shift, conv1, bn1.center,
-                                              grad_buf[:, :c], needs[base + 2], coef_sums)
+                                              grad_buf[:, :c], True, needs[base + 2], coef_sums)
         del grad_z
         grads[base + 2], sums[j1] = r1.grad_weight, (r1.sum_dy, r1.sum_dy_xc)
         del r1

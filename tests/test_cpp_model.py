@@ -1,8 +1,10 @@
-"""Whole models on backend "cpp" against ``densenet_fast.reference.DenseNet`` in float64.
+"""Whole models on the compiled extension's backends against ``densenet_fast.reference.DenseNet`` in float64.
 
-One training step (forward, backward) of a small DenseNet with random BN affine parameters and
-running statistics: outputs, the input gradient, every parameter gradient and the running
-statistics afterwards must match the naive cat -> BN -> ReLU -> conv model.
+Each test runs on backend "cpp" (the fused CPU ops) and on backend "composite" (the extension's
+per-channel kernels around ATen's convolutions: what CUDA runs without Triton, here over the CPU
+builds of the same kernels). One training step (forward, backward) of a small DenseNet with random
+BN affine parameters and running statistics: outputs, the input gradient, every parameter gradient
+and the running statistics afterwards must match the naive cat -> BN -> ReLU -> conv model.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from densenet_fast.ops import registry
 if os.environ.get("DENSENET_FAST_BUILD_EXT", "").strip() == "0":
     pytest.skip("installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension", allow_module_level=True)
 
-from densenet_fast.ops.cpp_backend import CppBackend
 from helpers import TOLERANCES, randomize_bn
 
 ATOL, RTOL = TOLERANCES["model"][torch.float64]
@@ -26,8 +27,9 @@ ATOL, RTOL = TOLERANCES["model"][torch.float64]
 SMALL = dict(growth_rate=6, block_config=(3, 2), num_init_features=10, bn_size=2, num_classes=5)
 
 
-# Every test runs with backend "cpp" pinned (the conftest fixture; it fails where cpp is missing).
-pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.parametrize("backend", ["cpp"], indirect=True)]
+# Every test runs with each backend pinned (the conftest fixture; it fails where one is missing).
+pytestmark = [pytest.mark.usefixtures("backend"),
+              pytest.mark.parametrize("backend", ["cpp", "composite"], indirect=True)]
 
 
 def model_pair(seed=0, **kwargs):
@@ -71,8 +73,9 @@ def input_batch(shape, seed, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def test_cpp_is_available_and_preferred_on_cpu():
-    assert "cpp" in densenet_fast.available_backends()
+def test_cpp_is_preferred_on_cpu_and_composite_only_when_pinned(backend):
+    assert {"cpp", "composite"} <= set(densenet_fast.available_backends())
+    assert registry.backend_for(torch.ones(1, 2, 3, 3)).name == backend
     with densenet_fast.use_backend(None):  # automatic choice inside this module's pin
         assert registry.backend_for(torch.ones(1, 2, 3, 3)).name == "cpp"
         # What it can't compute falls back to the portable backend.
@@ -108,19 +111,6 @@ def test_dropout_with_the_same_seed():
     fast_result = step(fast, x, 13)
     torch.manual_seed(12)
     assert_same_step(fast_result, step(ref, x, 13))
-
-
-def test_device_composite_path_matches_reference(monkeypatch):
-    # The path CUDA runs (extension kernels + ATen convs), here over the CPU kernels.
-    monkeypatch.setitem(registry._FACTORIES, "cpp-composite", lambda: CppBackend(fused_cpu=False))
-    monkeypatch.delitem(registry._instances, "cpp-composite", raising=False)
-    fast, ref = model_pair(seed=14)
-    x = input_batch((2, 3, 37, 35), seed=15, channels_last=True)
-    try:
-        with densenet_fast.use_backend("cpp-composite"):
-            assert_same_step(step(fast, x, 16), step(ref, x, 16))
-    finally:
-        registry._instances.pop("cpp-composite", None)
 
 
 def test_float32_step_close_to_reference():

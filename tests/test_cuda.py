@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 DEVICE = "cuda"
 # Each backend pinned in turn by the conftest fixture: plain names, so that one missing on a CUDA
 # machine (where every backend should be available) fails its tests with use_backend's reason.
-every_backend = pytest.mark.parametrize("backend", ["triton", "cpp", "torch"], indirect=True)
+# ("cpp" is the fused CPU backend; the extension's CUDA kernels run as "composite".)
+every_backend = pytest.mark.parametrize("backend", ["triton", "composite", "torch"], indirect=True)
 
 # A net with both stems' worth of shape changes: odd sizes, a transition, two blocks.
 CONFIG = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2, num_classes=5)
@@ -138,6 +139,14 @@ def test_moves_between_cpu_and_cuda(full_float32):
     other.load_state_dict(model.to(DEVICE).state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(x), on_cpu, rtol=0, atol=0)
+
+
+def test_pinned_cpp_on_cuda_names_the_composite_backend():
+    model = densenet_fast.DenseNet(**SMALL).to(DEVICE)
+    with densenet_fast.use_backend("cpp"):
+        with pytest.raises(RuntimeError, match="backend 'cpp' runs on CPU tensors; the extension's CUDA kernels run "
+                                               "as backend 'composite'"):
+            model(torch.randn(2, 3, 8, 8, device=DEVICE))
 
 
 def test_device_mix_is_one_clear_error():

@@ -95,11 +95,12 @@ def _fake_library(path: Path, record: dict | None) -> str:
 
 @pytest.mark.skipif(not BUILT, reason="installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension")
 def test_built_extension_records_the_torch_it_runs_with():
-    from densenet_fast.ops.cpp_backend import built_with_cuda
+    from densenet_fast.ops.extension_ops import built_with_cuda
 
     origin = importlib.util.find_spec("densenet_fast._C").origin
     assert _extension.read_record(origin) == _extension.torch_record(cuda_kernels=built_with_cuda())
-    assert "cpp" in densenet_fast.available_backends()
+    # Both backends on the extension: the fused CPU ops and the per-channel kernels around ATen's convolutions.
+    assert {"cpp", "composite"} <= set(densenet_fast.available_backends())
 
 
 RUNNING = {"torch": "2.14.1+cu130", "cuda": "13.0", "cxx11_abi": True, "cuda_kernels": False}
@@ -149,20 +150,24 @@ def test_library_without_record_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not BUILT, reason="installed with DENSENET_FAST_BUILD_EXT=0: no compiled extension")
 def test_registry_reports_cpp_built_for_another_torch(monkeypatch):
-    # The real library file, read as if its record named torch 2.13.0: cpp_backend must not load it.
+    # The real library file, read as if its record named torch 2.13.0: neither backend on it may load it.
     real = _extension.read_record
     monkeypatch.setattr(_extension, "read_record", lambda path: dict(real(path), torch="2.13.0"))
     monkeypatch.setattr(_extension, "_warned", False)
     monkeypatch.setattr(ops, "_instances", {})
     monkeypatch.setattr(ops, "_unavailable", {})
-    monkeypatch.delitem(sys.modules, "densenet_fast.ops.cpp_backend", raising=False)
-    with pytest.warns(_extension.ExtensionMismatchWarning):
-        assert "cpp" not in densenet_fast.available_backends()
-    assert "torch" in densenet_fast.available_backends()
+    for module in ("cpp_backend", "composite_backend", "extension_ops"):  # (extension_ops loads the library)
+        monkeypatch.delitem(sys.modules, f"densenet_fast.ops.{module}", raising=False)
+    with pytest.warns(_extension.ExtensionMismatchWarning) as caught:
+        available = densenet_fast.available_backends()
+    assert len(caught) == 1  # one warning for both backends
+    assert "cpp" not in available and "composite" not in available and "torch" in available
     running = re.escape(torch.__version__.split("+")[0])
-    assert re.search(rf"built for torch 2\.13\.0\S*, running {running}", ops._unavailable["cpp"]), ops._unavailable
-    with pytest.raises(RuntimeError, match="built for torch 2.13.0"):
-        densenet_fast.set_backend("cpp")
+    for name in ("cpp", "composite"):
+        assert re.search(rf"built for torch 2\.13\.0\S*, running {running}", ops._unavailable[name]), \
+            ops._unavailable
+        with pytest.raises(RuntimeError, match="built for torch 2.13.0"):
+            densenet_fast.set_backend(name)
 
 
 # ---- building ------------------------------------------------------------------------------------
@@ -236,13 +241,14 @@ def test_without_a_compiler_the_package_installs_pure_pytorch(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import densenet_fast, torch; from densenet_fast.ops import registry as ops; "
              "print(densenet_fast.__file__); print(densenet_fast.available_backends()); "
-             "print(ops._unavailable['cpp'])")
+             "print(ops._unavailable['cpp']); print(ops._unavailable['composite'])")
     # -S: no .pth files, so an editable install of densenet_fast in this venv can't supply its _C.
     path = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     run = subprocess.run([sys.executable, "-S", "-c", probe], env=_env(PYTHONPATH=path), capture_output=True,
                          text=True, cwd=tmp_path, check=True)
-    where, backends, reason = run.stdout.splitlines()
+    where, backends, reason, composite_reason = run.stdout.splitlines()
     assert where.startswith(str(site)), where
     # triton serves CUDA tensors only (or CPU ones under TRITON_INTERPRET=1, unset here).
     expected = ["torch", "triton"] if torch.cuda.is_available() and importlib.util.find_spec("triton") else ["torch"]
     assert backends == str(expected) and "not built in this installation" in reason, run.stdout
+    assert "not built in this installation" in composite_reason, run.stdout

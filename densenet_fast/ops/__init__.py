@@ -1,6 +1,7 @@
 """The per-layer op interface (``interface.py``), its backends (``torch_backend.py``,
-``cpp_backend.py``, ``triton_backend.py`` with its kernels in ``triton/``) and the registry that
-picks one (``registry.py``)."""
+``cpp_backend.py`` and ``composite_backend.py`` on the compiled extension's ops
+(``extension_ops.py``), ``triton_backend.py`` with its kernels in ``triton/``) and the registry
+that picks one (``registry.py``)."""
 from .registry import (
     available_backends,
     backend_for,

@@ -15,8 +15,13 @@ Conventions shared by every op:
 * ``dy`` below is the gradient with respect to ``x * scale + shift`` (the BN output), that is the
   conv's input gradient masked by the ReLU. Backward ops never return ``dy`` itself: they return
   the two per-channel reductions BN's backward needs, ``sum(dy)`` and ``sum(dy * (x - center))``
-  over N, H, W, and add ``scale * dy`` into the gradient accumulator ``grad_x`` (or return it as a
-  new tensor when ``grad_x`` is None).
+  over N, H, W (and the conv's weight gradient, see :class:`ConvGrads`), and write ``scale * dy``
+  into the gradient accumulator ``grad_x``, which the caller allocates: a tensor of ``x``'s shape
+  and dtype in ``x``'s layout (NCHW or channels_last; it may be a channel-prefix view of the
+  stage's gradient buffer). With ``accumulate`` they add, ``grad_x += scale * dy``; without it
+  ``grad_x = scale * dy``, every element written and its previous contents never read (an input
+  that feeds no output, as the last row or column of an odd-sized map under the transition's
+  pooling, gets 0).
 * Normalized activations ``relu(x * scale + shift)`` are recomputed inside the ops and never stored
   for a whole prefix; how much of them exists at once is the backend's business (a chunk of images,
   a GEMM tile).
@@ -33,10 +38,9 @@ from ..bn_math import coefficients, rsqrt_eps
 
 
 class ConvGrads(NamedTuple):
-    """What a fused BN-ReLU-conv backward returns."""
+    """What a fused BN-ReLU-conv backward returns (the input gradient went into the caller's ``grad_x``)."""
 
-    grad_x: Tensor  # the accumulator, with scale * dy added
-    grad_weight: Optional[Tensor]  # None when not requested; the weight's or the statistics dtype
+    grad_weight: Optional[Tensor]  # None when not requested; else the weight's shape, contiguous, statistics dtype
     sum_dy: Tensor  # per input channel, statistics dtype
     sum_dy_xc: Tensor  # sum(dy * (x - center)) per input channel
 
@@ -206,12 +210,15 @@ class Backend(ABC):
         shift: Tensor,
         weight: Tensor,
         center: Tensor,
-        grad_x: Optional[Tensor],
+        grad_x: Tensor,
+        accumulate: bool,
         need_weight_grad: bool,
         coef_sums: Optional[CoefSums] = None,
     ) -> ConvGrads:
-        """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``); with
-        ``coef_sums`` it also adds its BN's batch-statistics terms there (see :class:`CoefSums`)."""
+        """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``): ``scale * dy``
+        into ``grad_x`` (added with ``accumulate``, see the module docstring), the weight gradient
+        when ``need_weight_grad``; with ``coef_sums`` it also adds its BN's batch-statistics terms
+        there (see :class:`CoefSums`)."""
 
     @abstractmethod
     def bn_relu_conv3x3_backward(
@@ -222,10 +229,12 @@ class Backend(ABC):
         shift: Tensor,
         weight: Tensor,
         center: Tensor,
-        grad_x: Optional[Tensor],
+        grad_x: Tensor,
+        accumulate: bool,
         need_weight_grad: bool,
     ) -> ConvGrads:
-        """Backward of :meth:`bn_relu_conv3x3`; ``grad_out`` already carries dropout's mask."""
+        """Backward of :meth:`bn_relu_conv3x3`; ``grad_out`` already carries dropout's mask.
+        ``grad_x``, ``accumulate``: as in :meth:`bn_relu_conv1x1_backward`."""
 
     @abstractmethod
     def bn_relu_pool_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
@@ -245,11 +254,13 @@ class Backend(ABC):
         shift: Tensor,
         weight: Tensor,
         center: Tensor,
-        grad_x: Optional[Tensor],
+        grad_x: Tensor,
+        accumulate: bool,
         need_weight_grad: bool,
         coef_sums: Optional[CoefSums] = None,
     ) -> ConvGrads:
-        """Backward of :meth:`bn_relu_pool_conv1x1`; ``coef_sums`` as in :meth:`bn_relu_conv1x1_backward`."""
+        """Backward of :meth:`bn_relu_pool_conv1x1`; ``grad_x``, ``accumulate`` and ``coef_sums`` as in
+        :meth:`bn_relu_conv1x1_backward` (the last row/column of an odd-sized map gets no gradient)."""
 
     @abstractmethod
     def bn_grad_finalize(self, grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,

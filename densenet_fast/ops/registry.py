@@ -26,6 +26,13 @@ def _cpp_backend() -> Backend:
     return CppBackend()
 
 
+def _composite_backend() -> Backend:
+    # The same extension's per-channel kernels around ATen's convolutions; ImportError as for cpp.
+    from .composite_backend import CompositeBackend
+
+    return CompositeBackend()
+
+
 def _triton_backend() -> Backend:
     from .triton_backend import TritonBackend
 
@@ -33,9 +40,11 @@ def _triton_backend() -> Backend:
 
 
 # name -> factory; a factory raises ImportError/RuntimeError when the backend can't be used here.
-_FACTORIES: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "cpp": _cpp_backend, "triton": _triton_backend}
-# Preference order per device type, best first.
-_PREFERENCE = {"cpu": ["cpp", "torch"], "cuda": ["triton", "cpp", "torch"]}
+_FACTORIES: dict[str, Callable[[], Backend]] = {
+    "torch": TorchBackend, "cpp": _cpp_backend, "composite": _composite_backend, "triton": _triton_backend}
+# Preference order per device type, best first. On CPU "composite" (which runs there too, for the
+# tests) only when pinned: the fused "cpp" is faster.
+_PREFERENCE = {"cpu": ["cpp", "torch"], "cuda": ["triton", "composite", "torch"]}
 _ENV_VAR = "DENSENET_FAST_BACKEND"
 
 _instances: dict[str, Backend] = {}

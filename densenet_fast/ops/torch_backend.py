@@ -70,8 +70,9 @@ def _as_matrices(t: Tensor) -> Tensor:
 
 
 def _weight_grad_accumulator(weight: Tensor) -> Tensor:
-    # Accumulated over chunks of images: in the statistics dtype, so half precision rounds once.
-    return torch.zeros_like(weight, dtype=stats_dtype(weight.dtype))
+    # Accumulated over chunks of images: in the statistics dtype, so half precision rounds once;
+    # contiguous (the interface's ConvGrads).
+    return torch.zeros(weight.shape, dtype=stats_dtype(weight.dtype), device=weight.device)
 
 
 def _conv1x1(y: Tensor, weight: Tensor, out: Tensor) -> None:
@@ -99,6 +100,14 @@ def _conv1x1_backward(grad_out: Tensor, y: Tensor, weight: Tensor, grad_w: Optio
     if grad_w is not None:
         grad_w.add_(gw)
     return grad_y
+
+
+def _into(grad_x: Tensor, dy: Tensor, scale4: Tensor, accumulate: bool) -> None:
+    """``grad_x = scale * dy``, or with ``accumulate`` ``grad_x += scale * dy``."""
+    if accumulate:
+        grad_x.addcmul_(dy, scale4)
+    else:
+        torch.mul(dy, scale4, out=grad_x)
 
 
 def _finish_dy(dy: Tensor, y: Tensor, x: Tensor, center: Tensor, ones: Tensor, sums: list[Tensor]) -> None:
@@ -148,32 +157,29 @@ class TorchBackend(Backend):
         # Statistics of the new channels while they are contiguous, before they sit in the buffer.
         return self.channel_stats(f, stats_into) if with_stats else (None, None)
 
-    def _prologue_backward(self, x, scale, shift, weight, center, grad_x, need_weight_grad, dy_of):
+    def _prologue_backward(self, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, dy_of):
         """Shared by the 1x1 convs: ``dy_of(grad_out_chunk, y, grad_w)`` gives the chunk's BN-output grad."""
         affine = _Affine(scale, shift, x.dtype)
         grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
-        out = torch.empty_like(x) if grad_x is None else grad_x
         for s in _chunks(x):
             y = affine.relu(x[s])
             dy = dy_of(s, y, grad_w)
             _finish_dy(dy, y, x[s], center, affine.ones, sums)
             del y
-            if grad_x is None:
-                torch.mul(dy, affine.scale4, out=out[s])
-            else:
-                out[s].addcmul_(dy, affine.scale4)
-        return ConvGrads(out, grad_w, sums[0], sums[1])
+            _into(grad_x[s], dy, affine.scale4, accumulate)
+        return ConvGrads(grad_w, sums[0], sums[1])
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                 coef_sums=None):
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                 need_weight_grad, coef_sums=None):
         def dy_of(s, y, grad_w):
             return _conv1x1_backward(grad_out[s], y, weight, grad_w)
 
-        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x,
+        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x, accumulate,
                                                                 need_weight_grad, dy_of))
 
-    def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
+    def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
+                                 need_weight_grad):
         affine = _Affine(scale, shift, z.dtype)
         # The input gradient needs no activations: one transposed conv over the whole batch.
         dy_all = torch.ops.aten.convolution_backward(
@@ -188,11 +194,8 @@ class TorchBackend(Backend):
             dy = dy_all[s]
             _finish_dy(dy, y, z[s], center, affine.ones, sums)
             del y
-            if grad_x is None:
-                dy.mul_(affine.scale4)
-            else:
-                grad_x[s].addcmul_(dy, affine.scale4)
-        return ConvGrads(dy_all if grad_x is None else grad_x, grad_w, sums[0], sums[1])
+            _into(grad_x[s], dy, affine.scale4, accumulate)
+        return ConvGrads(grad_w, sums[0], sums[1])
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -205,13 +208,15 @@ class TorchBackend(Backend):
             _conv1x1(F.avg_pool2d(affine.relu(x[s]), 2), weight, out[s])
         return out
 
-    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                      coef_sums=None):
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                      need_weight_grad, coef_sums=None):
         def dy_of(s, y, grad_w):
             d_pooled = _conv1x1_backward(grad_out[s], F.avg_pool2d(y, 2), weight, grad_w)
+            # The last row/column of an odd-sized map feeds no window: avg_pool2d_backward gives it
+            # a zero gradient, so every element of grad_x is written.
             return torch.ops.aten.avg_pool2d_backward(d_pooled, y, [2, 2], [2, 2], [0, 0], False, True, None)
 
-        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x,
+        return add_coef_sums(coef_sums, self._prologue_backward(x, scale, shift, weight, center, grad_x, accumulate,
                                                                 need_weight_grad, dy_of))
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):

@@ -1,7 +1,7 @@
 """The ``triton`` backend: the op interface on the fused Triton kernels of ``ops/triton/``.
 
 Each interface method is one registered op (``torch.ops.densenet_fast_triton.*``); this class only
-adapts the interface's conventions (optional accumulators and outputs) to the ops' fixed signatures.
+adapts the interface's optional outputs (statistics, coefficients) to the ops' fixed signatures.
 It computes on CUDA tensors, and on CPU tensors when the kernels were decorated under Triton's
 interpreter (``TRITON_INTERPRET=1`` set before this module was imported; that is how the tests run).
 """
@@ -113,27 +113,30 @@ class TritonBackend(Backend):
         mean, var = bn_relu_conv3x3(z, _vec(scale), _vec(shift), weight, out, noise, with_stats, *_into(stats_into))
         return (mean, var) if with_stats and stats_into is None else (None, None)
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                 coef_sums=None):
-        return self._backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=False, extra=(_sums(coef_sums),))
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                 need_weight_grad, coef_sums=None):
+        grad_w, sum_dy, sum_dy_xc = bn_relu_conv1x1_backward(
+            grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad,
+            _sums(coef_sums))
+        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
 
-    def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, need_weight_grad):
-        return self._backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=False)
+    def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
+                                 need_weight_grad):
+        grad_w, sum_dy, sum_dy_xc = bn_relu_conv3x3_backward(
+            grad_out, z, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad)
+        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
         if coefs_from is not None:
             return bn_relu_pool_conv1x1(x, None, None, weight, _from(coefs_from))
         return bn_relu_pool_conv1x1(x, _vec(scale), _vec(shift), weight)
 
-    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad,
-                                      coef_sums=None):
-        # The last row/column of an odd-sized map feeds no pooling window: a new accumulator must
-        # start from zeros there, so it starts from zeros and is accumulated into.
-        odd = x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1
-        return self._backward(bn_relu_pool_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
-                              need_weight_grad, zero_fill=odd, extra=(_sums(coef_sums),))
+    def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                      need_weight_grad, coef_sums=None):
+        grad_w, sum_dy, sum_dy_xc = bn_relu_pool_conv1x1_backward(
+            grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad,
+            _sums(coef_sums))
+        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         fx, fc = (None, None) if factors is None else (_vec(factors[0]), _vec(factors[1]))
@@ -141,14 +144,3 @@ class TritonBackend(Backend):
 
     def bn_coefficients(self, mean, invstd, weight, bias, coefs):
         bn_coefficients(_vec(mean), _vec(invstd), _vec_or_none(weight), _vec_or_none(bias), coefs)
-
-    @staticmethod
-    def _backward(op, grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, zero_fill,
-                  extra=()) -> ConvGrads:
-        accumulate = grad_x is not None
-        if grad_x is None:
-            grad_x = torch.zeros_like(x) if zero_fill else torch.empty_like(x)
-            accumulate = zero_fill
-        grad_w, sum_dy, sum_dy_xc = op(grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate,
-                                     need_weight_grad, *extra)
-        return ConvGrads(grad_x, grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)

@@ -177,10 +177,12 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
                      coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Launches both jobs and the kernel that finishes their partials; ``grad_x`` receives (or,
-    with ``accumulate``, gains) ``scale * dy``. With ``coef_sums`` = (coef_x, coef_c, fx, fc) that
-    launch also adds ``fx * sum_dy_xc`` into ``coef_x`` and ``fc * sum_dy`` into ``coef_c``.
+    with ``accumulate``, gains) ``scale * dy`` in every element. With ``coef_sums`` = (coef_x,
+    coef_c, fx, fc) that launch also adds ``fx * sum_dy_xc`` into ``coef_x`` and ``fc * sum_dy``
+    into ``coef_c``.
 
-    Returns (grad_weight, sum_dy, sum_dy_xc); grad_weight is empty unless requested.
+    Returns (grad_weight, sum_dy, sum_dy_xc), all float32 (the statistics dtype of every dtype the
+    kernels take); grad_weight is contiguous, or empty unless requested.
     """
     # sum_partials' pairs are (sum_dy, sum_dy_xc): its accumulators in that order
     acc = None if coef_sums is None else (coef_sums[1], coef_sums[0], coef_sums[3], coef_sums[2])
@@ -194,6 +196,12 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     if pool:
         s_x, s_gx = x.stride(), grad_x.stride()
         x_align = 1
+        if not accumulate:
+            # The data job writes the inputs under the 2x2 windows only: the last row or column of
+            # an odd-sized map feeds no output, so its gradient is zero, written here (without
+            # accumulate every element of grad_x is written, whatever it held before).
+            grad_x[:, :, 2 * ho:].zero_()
+            grad_x[:, :, :2 * ho, 2 * wo:].zero_()
     else:
         x = collapsible(x)
         if collapsible(grad_x) is not grad_x:
@@ -229,10 +237,10 @@ def conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, 
     if target is not grad_x:
         grad_x.copy_(target)
     if need_weight_grad:
-        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype, acc)
+        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, torch.float32, acc)
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials, accumulate=acc)
-    return torch.empty(0, dtype=weight.dtype, device=x.device), sum_dy, sum_dy_xc
+    return torch.empty(0, dtype=torch.float32, device=x.device), sum_dy, sum_dy_xc
 
 
 # No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them.
@@ -251,8 +259,8 @@ def bn_relu_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
                              center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
                              coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with
-    ``accumulate``). With ``coef_sums`` = (coef_x, coef_c, fx, fc), contiguous float32 vectors,
+    """(grad_weight (float32) or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added
+    with ``accumulate``). With ``coef_sums`` = (coef_x, coef_c, fx, fc), contiguous float32 vectors,
     also ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy``, in the same launches."""
     return _bn_relu_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                         need_weight_grad, *(coef_sums or (None,) * 4))

@@ -193,7 +193,8 @@ def _conv3x3_bwd_kernel(
 def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
                              center: Tensor, grad_x: Tensor, accumulate: bool,
                              need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``)."""
+    """(grad_weight (float32, contiguous) or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy``
+    (added with ``accumulate``) in every element."""
     n, c_in, h, w = z.shape
     c_out = weight.shape[0]
     m = n * h * w
@@ -229,10 +230,10 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
     if target is not grad_x:
         grad_x.copy_(target)
     if need_weight_grad:
-        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, weight.dtype)
+        sum_dy, sum_dy_xc, grad_weight = sum_partials(partials, pgw, torch.float32)  # the statistics dtype
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials)
-    return torch.empty(0, dtype=weight.dtype, device=z.device), sum_dy, sum_dy_xc
+    return torch.empty(0, dtype=torch.float32, device=z.device), sum_dy, sum_dy_xc
 
 
 def bn_relu_conv3x3_backward_ref(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,

@@ -3,9 +3,10 @@
 The kernels are ``bn_relu_conv1x1_backward``'s with ``POOL`` set: the data kernel spreads a quarter
 of each pooled gradient over the four inputs under it, masked by their recomputed ReLU; the weight
 kernel recomputes the pooled normalized input tile by tile. Inputs in the last row or column of an
-odd-sized map feed no output: their gradient is zero (the accumulator starts from zeros when the
-caller gives none) and they are left out of the reductions (where such an input is infinite,
-torch's 0 * x there would be NaN; the batch statistics of its channel are not finite anyway).
+odd-sized map feed no output: their gradient is zero (without ``accumulate`` the launcher writes
+those zeros, since the kernel never visits them) and they are left out of the reductions (where
+such an input is infinite, torch's 0 * x there would be NaN; the batch statistics of its channel
+are not finite anyway).
 """
 from __future__ import annotations
 
@@ -35,11 +36,9 @@ def bn_relu_pool_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, sh
                                   center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
                                   coef_sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
                                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_weight or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added with ``accumulate``);
-    ``coef_sums`` as in ``bn_relu_conv1x1_backward``.
-
-    Without ``accumulate`` only the pixels under the pooling windows are written: the caller
-    zeroes ``grad_x`` when H or W is odd.
+    """(grad_weight (float32) or empty, sum_dy, sum_dy_xc); ``grad_x`` gets ``scale * dy`` (added
+    with ``accumulate``) in every element, 0 in the last row/column of an odd-sized map, which
+    feeds no pooling window; ``coef_sums`` as in ``bn_relu_conv1x1_backward``.
     """
     return _bn_relu_pool_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                              need_weight_grad, *(coef_sums or (None,) * 4))
