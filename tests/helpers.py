@@ -1,7 +1,9 @@
 """What the test files share as plain functions and data (their fixtures are in conftest.py): the
-tolerances, BN randomization, backend parameters, and running a fast model and the naive reference
-side by side to compare everything."""
+tolerances, BN randomization, backend parameters, running a fast model and the naive reference
+side by side to compare everything, and the op suite's cases and check (``op_cases``, ``check_op``)."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 import densenet_fast
 from densenet_fast import reference
+from densenet_fast.ops import reference as op_reference
 
 # (atol, rtol) per dtype, by what a test compares: the one table of tolerances. A dtype's numbers
 # differ between two kinds only where the stricter could not be used for both: it failed the other
@@ -164,3 +167,215 @@ def autocast_errors(model: nn.Module, ref: nn.Module, x: torch.Tensor, autocast_
     out_err = (out.double() - out_ref).abs().max().item()
     grad_err = max((p.grad.double() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
     return out, out_err, grad_err
+
+
+# ---- the op suite (tests/test_<op>.py): every backend's ops against densenet_fast.ops.reference ----
+
+OP_BACKENDS = ("torch", "cpp", "composite", "triton")
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Where each backend computes, by device (what its supports() accepts): only these cases are generated,
+# so no case is skipped everywhere; one is skipped where its device is missing, or where the backend's
+# supports() says it can't run here (test_op_suite_cases.py checks this table against supports()).
+RUNS_ON = {
+    "torch": {"cpu": ALL_DTYPES, "cuda": ALL_DTYPES},
+    "cpp": {"cpu": (torch.float64, torch.float32)},
+    "composite": {"cpu": (torch.float64, torch.float32), "cuda": ALL_DTYPES},
+    # On CPU under Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets without a GPU);
+    # there tl.dot on bfloat16 returns garbage (Triton 3.8), so bfloat16 runs on CUDA only.
+    "triton": {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+}
+# float16 and bfloat16 (flash-attention's rule): the error of a backend's result against the float64
+# reference is at most HALF_ERROR_FACTOR times PyTorch's own error, the same reference function run in
+# the half dtype (densenet_fast.ops.reference: the BN-ReLU rounded to half, half convolutions,
+# statistics in float32), plus HALF_ERROR_FLOOR (float32's "stats" tolerance: where the exact result
+# is representable PyTorch's error is 0); and within the TOLERANCES row as well, so no bound is looser
+# than before. 3, not flash-attention's 2: a backend may round where the reference does not (the
+# torch and composite backends round dy to half inside the conv backward before their reductions;
+# the torch backend rounds chunked results), one more rounding of the same size, and 3 still fails
+# an error that grows with the problem (a half accumulator, a missed term).
+HALF_ERROR_FACTOR = 3
+
+
+class OpCase(NamedTuple):
+    """One backend on one device in one dtype, with the TOLERANCES row its results are held to."""
+
+    backend: str
+    device: str
+    dtype: torch.dtype
+    atol: float
+    rtol: float
+
+    def open(self):
+        """The backend; skips the test where this machine can't run the case (no CUDA, or the
+        backend's supports() refuses tensors of this device and dtype here)."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        backend = densenet_fast.ops.backend_named(self.backend)
+        reason = backend.supports(torch.empty(0, device=self.device, dtype=self.dtype))
+        if reason is not None:
+            pytest.skip(f"backend {self.backend!r} on {self.device} {_param_id(self.dtype)}: {reason}")
+        return backend
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype in HALF_DTYPES else self.dtype
+
+
+def op_cases(kind: str, shapes=(None,), *, dtypes=ALL_DTYPES, backends=OP_BACKENDS, slow=None):
+    """``(case, shape)`` parameters: an OpCase for every backend x device x dtype that some machine
+    runs (RUNS_ON), with TOLERANCES[kind][dtype], times ``shapes``; ``slow(case, shape)`` marks cases
+    slow. A backend not built here is skipped (as backend_params), CUDA cases without CUDA."""
+    available = densenet_fast.available_backends()
+    params = []
+    for name in backends:
+        for device, runs in RUNS_ON[name].items():
+            for dtype in (d for d in dtypes if d in runs):
+                case = OpCase(name, device, dtype, *TOLERANCES[kind][dtype])
+                for shape in shapes:
+                    marks = []
+                    if name not in available:
+                        marks.append(pytest.mark.skip(reason=f"backend {name!r} is not built in this installation"))
+                    if device == "cuda":
+                        marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+                    if slow is not None and slow(case, shape):
+                        marks.append(pytest.mark.slow)
+                    ids = [name, device, _param_id(dtype)] + ([] if shape is None else [_shape_id(shape)])
+                    params.append(pytest.param(case, shape, marks=marks, id="-".join(ids)))
+    return params
+
+
+def _shape_id(shape) -> str:
+    return "x".join(str(v) for v in shape) if isinstance(shape, tuple) else str(shape)
+
+
+# How an op's tensors are laid out: whole NCHW or channels_last tensors, or ("_view") channels
+# [offset, offset + C) of a buffer two channels wider past them, as the stage passes its feature and
+# gradient buffers (offset 0: a channel prefix).
+LAYOUTS = ("nchw", "channels_last", "nchw_view", "channels_last_view")
+
+
+def seeded(shape, seed: int, *, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """float64 normal values of ``shape`` from a generator of their own (the same on every device)."""
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * std + mean
+
+
+def op_tensor(shape, case: OpCase, layout: str, seed: int, *, offset: int = 0, mean: float = 0.0,
+              std: float = 1.0, fill: float | None = None) -> torch.Tensor:
+    """An N x C x H x W tensor of the case's dtype on its device in ``layout`` (LAYOUTS): seeded
+    normal values, or ``fill`` (NaN: a buffer an op must overwrite)."""
+    n, c, h, w = shape
+    view = layout.endswith("_view")
+    channels = c + offset + 2 if view else c
+    t = seeded((n, channels, h, w), seed, mean=mean, std=std)
+    if fill is not None:
+        t.fill_(fill)
+    t = t.to(device=case.device, dtype=case.dtype)
+    if layout.startswith("channels_last"):
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t[:, offset:offset + c] if view else t
+
+
+def bn_vectors(c: int, case: OpCase, seed: int):
+    """A BN's ``scale`` (about a fifth negative, as a BN weight may be, the rest in [0.5, 1.5]),
+    ``shift`` (which makes the ReLU cut some values) and ``center``, in the statistics dtype."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(c, generator=g, dtype=torch.float64) < 0.2, -1.0, 1.0)
+    scale = sign * torch.empty(c, dtype=torch.float64).uniform_(0.5, 1.5, generator=g)
+    shift = 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
+    center = 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+    return [t.to(device=case.device, dtype=case.stats_dtype) for t in (scale, shift, center)]
+
+
+def conv_weight(out_c: int, in_c: int, k: int, case: OpCase, seed: int) -> torch.Tensor:
+    """A conv weight of unit-variance outputs, in the case's dtype."""
+    return (seeded((out_c, in_c, k, k), seed) / (in_c * k * k) ** 0.5).to(device=case.device, dtype=case.dtype)
+
+
+def _map_tensors(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # StatsOut, CoefsFrom, CoefSums, ConvGrads
+        return type(tree)(*(_map_tensors(t, fn) for t in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_tensors(t, fn) for t in tree)
+    return tree
+
+
+def _flat(tree) -> list:
+    """The tensors (and Nones) of a result, in order."""
+    if tree is None or isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for item in tree for t in _flat(item)]
+
+
+def _copy_args(args, bases: dict, index: int, to_float64: bool):
+    """``args`` with every tensor copied, views staying views of one copy of their buffer (so an op
+    that writes a slice can be seen not to write past it); ``bases[id]`` collects each buffer's copies."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base
+        entry = bases.setdefault(id(base), [base])
+        if len(entry) <= index:
+            new = base.to(torch.float64 if to_float64 and base.is_floating_point() else base.dtype, copy=True)
+            assert new.stride() == base.stride(), "a case's buffers must be dense"
+            entry.append(new)
+        return entry[index].as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
+
+    return _map_tensors(args, copy)
+
+
+def _assert_result_close(got, want, own, case: OpCase, what: str) -> None:
+    assert (got is None) == (want is None), f"{what}: {got!r} where the reference gives {want!r}"
+    if got is None:
+        return
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    assert got.dtype == own.dtype, f"{what}: dtype {got.dtype}, expected {own.dtype}"
+    assert got.device == own.device, f"{what}: on {got.device}"
+    torch.testing.assert_close(got.double(), want, atol=case.atol, rtol=case.rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+    if case.dtype in HALF_DTYPES:
+        floor_atol, floor_rtol = TOLERANCES["stats"][torch.float32]
+        known = ~want.isnan()
+        want, err = want[known], (got.double() - want).abs()[known]
+        own_err = (own.double()[known] - want).abs().max() if want.numel() else 0.0
+        bound = HALF_ERROR_FACTOR * own_err + floor_atol + floor_rtol * want.abs()
+        worst = (err - bound).argmax() if err.numel() else None
+        assert worst is None or err[worst] <= bound[worst], (
+            f"{what}: error {err[worst].item():.3g} against float64 at a value of {want[worst].item():.3g}, more "
+            f"than {HALF_ERROR_FACTOR} x PyTorch's own {_param_id(case.dtype)} error {float(own_err):.3g} + floor")
+
+
+def check_op(case: OpCase, op: str, *args, **kwargs):
+    """Runs ``op`` of the case's backend on copies of ``args`` and the reference on float64 copies
+    (and, for the half-precision rule, on copies in the case's dtype); checks every result and
+    every tensor argument afterwards (what the op wrote in place) against the reference's, and that
+    every element the reference leaves as it was (past a slice, inputs) is bit for bit unchanged.
+    Returns the backend's result and its copies of ``args`` for further checks."""
+    backend = case.open()
+    bases: dict = {}
+    for index, to_float64 in ((1, False), (2, True), (3, False)):  # backend, truth, own
+        copied = _copy_args((args, kwargs), bases, index, to_float64)
+        if index == 1:
+            got_args = copied
+        elif index == 2:
+            truth_args = copied
+        else:
+            own_args = copied
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full float32 on a GPU
+    try:
+        got = getattr(backend, op)(*got_args[0], **got_args[1])
+        want = getattr(op_reference, op)(*truth_args[0], **truth_args[1])
+        own = getattr(op_reference, op)(*own_args[0], **own_args[1])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    for i, (g, w, o) in enumerate(zip(_flat(got), _flat(want), _flat(own), strict=True)):
+        _assert_result_close(g, w, o, case, f"{case.backend} {op} result {i}")
+    for i, (before, g, w, o) in enumerate(bases.values()):
+        if not before.is_floating_point():
+            continue
+        what = f"{case.backend} {op} tensor argument {i} of shape {tuple(before.shape)}"
+        _assert_result_close(g, w, o, case, what)
+        kept = ~(w != before.double())  # NaN != NaN: a NaN the reference wrote over counts as changed
+        assert torch.equal(g[kept], before[kept]), f"{what}: elements the op must not write were written"
+    return got, got_args[0]
