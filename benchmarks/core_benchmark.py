@@ -16,7 +16,15 @@ import torch
 import torchvision
 
 import densenet_fast
-from densenet_fast.bench import MiB, Pinned, activation_peak, compare_steps, format_table, torchvision_densenet_bc
+from densenet_fast.bench import MiB, compare_steps, format_table
+from densenet_fast.comparison import (
+    BASELINE,
+    MEMORY_EFFICIENT,
+    backends_for,
+    comparison_models,
+    torchvision_densenet_bc,
+)
+from densenet_fast.memory import activation_peak
 
 
 def main() -> None:
@@ -38,18 +46,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CPU float32\n")
 
     x = torch.randn(args.batch, 3, args.size, args.size)
-    tv_model = torchvision.models.densenet121()
-    models = {
-        "torchvision": tv_model,
-        "torchvision memory_efficient": torchvision.models.densenet121(memory_efficient=True),
-    }
-    for backend in densenet_fast.available_backends():
-        models[f"densenet_fast[{backend}]"] = Pinned(densenet_fast.convert(tv_model), backend)
+    models = comparison_models("densenet121", None, backends_for(x))
     print(f"## DenseNet-121 training step, batch {args.batch}, {args.size}x{args.size}\n")
     results = compare_steps(models, x, rounds=args.rounds)
-    print(format_table(results, "torchvision"))
+    print(format_table(results, BASELINE))
     base = {r.name: r for r in results}
-    tv, tv_me = base["torchvision"], base["torchvision memory_efficient"]
+    tv, tv_me = base[BASELINE], base[MEMORY_EFFICIENT]
     print()
     for r in results:
         if r.name.startswith("densenet_fast"):
@@ -62,7 +64,7 @@ def main() -> None:
     print(f"| model | depth {d0} | depth {d1} | growth |\n|---|---|---|---|")
     xd = torch.randn(args.depth_batch, 3, args.depth_size, args.depth_size)
     densenet_fast.set_backend(None)
-    for name, make in (("torchvision", lambda d: torchvision_densenet_bc(d)),
+    for name, make in ((BASELINE, lambda d: torchvision_densenet_bc(d)),
                        ("densenet_fast", lambda d: densenet_fast.densenet_bc(d))):
         peaks = [activation_peak(make(d), xd) for d in (d0, d1)]
         print(f"| {name} | {peaks[0] / MiB:.1f} MiB | {peaks[1] / MiB:.1f} MiB | {peaks[1] / peaks[0]:.2f}x |")

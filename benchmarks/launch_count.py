@@ -195,7 +195,7 @@ def workloads() -> list[tuple[str, Callable[[bool], nn.Module], Callable[[], nn.
     import torchvision
 
     import densenet_fast
-    from densenet_fast.bench import torchvision_densenet_bc
+    from densenet_fast.comparison import torchvision_densenet_bc
 
     return [
         ("DenseNet-121, 32x32, batch 2", lambda me: torchvision.models.densenet121(memory_efficient=me),

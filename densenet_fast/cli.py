@@ -11,6 +11,10 @@ CUDA) is one line on stderr and exit status 2, found before any work starts. Any
 wrong is a traceback; a fatal signal prints Python's traceback too (faulthandler). The CPU profiler's
 own log lines are filtered out where the profiler starts and stops (``densenet_fast/memory.py``),
 never by hiding stderr.
+
+This module is the parser and the dispatch. Each command's input checks (``validate``) and run are in
+``<command>_command.py`` (bench_command, max_depth_command, train_command); the work they call is in
+bench.py with comparison.py, max_depth.py and train.py, usable from Python without the command line.
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ from typing import Optional
 
 import torch
 
-from . import bench, max_depth
-from .tools import AMP_DTYPES, PROG, UsageError, check_output_path, default_device, parse_size, require
+from . import bench_command, max_depth_command, train_command
+from .comparison import MODEL_NAMES
+from .ops.registry import _FACTORIES
+from .tools import AMP_DTYPES, PROG, UsageError, default_device, parse_size
 from .train import MODELS, TrainConfig
 
 
@@ -78,7 +84,7 @@ def _add_device_and_precision(p: argparse.ArgumentParser) -> None:
 
 def _add_backend(p: argparse.ArgumentParser, every: bool) -> None:
     p.add_argument("--backend", action="append", metavar="NAME",
-                   help="only this densenet_fast backend: torch, cpp or triton (repeatable) (default: "
+                   help=f"only this densenet_fast backend: {', '.join(_FACTORIES)} (repeatable) (default: "
                    + ("every one available here)" if every else "the best one for the device)"))
 
 
@@ -93,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
 
     p = command("bench", "peak memory and step time of a training step: ours (each backend) against torchvision")
-    p.add_argument("model", nargs="?", choices=bench.MODEL_NAMES, help="torchvision model (default: densenet121)")
+    p.add_argument("model", nargs="?", choices=MODEL_NAMES, help="torchvision model (default: densenet121)")
     p.add_argument("--depth", type=int, help="a DenseNet-BC of this depth (6n+4) instead of a named model")
     p.add_argument("--growth-rate", type=int, default=12, help="k of --depth and of the plot's depth panel")
     _add_batch_size(p, 8)
     _add_img_size(p, None, "image side (default: 224, or 32 with --depth)")
-    p.add_argument("--dtype", choices=list(bench.DTYPES), default="float32", help="dtype of weights and input")
+    p.add_argument("--dtype", choices=list(bench_command.DTYPES), default="float32", help="dtype of weights and input")
     _add_device_and_precision(p)
     p.add_argument("--rounds", type=int, default=5, help="timed steps per model at least; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-batch", type=int, default=16, help="batch of the depth panel")
     p.add_argument("--plot-size", type=int, default=32, help="image side of the depth panel")
     p.add_argument("--plot-batches", type=int, nargs="+", default=[1, 2, 4, 8], help="batch panel's batches")
-    p.set_defaults(validate=bench.validate, run=bench.run)
+    p.set_defaults(validate=bench_command.validate, run=bench_command.run)
 
     p = command("train", "train a DenseNet: on scikit-learn's digits, an ImageFolder directory or CIFAR-10")
     p.add_argument("--data-dir", metavar="DIR", help="an ImageFolder directory (DIR/train, DIR/val) or torchvision's "
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="shuffling, augmentation, initial weights (default: 0, or the "
                    "checkpoint's)")
     p.add_argument("--json", metavar="FILE", help="per-epoch statistics")
-    p.set_defaults(validate=_validate_train, run=_run_train)
+    p.set_defaults(validate=train_command.validate, run=train_command.run)
 
     p = command("max-depth", "deepest DenseNet-BC whose training step fits in a memory budget")
     p.add_argument("--budget", type=parse_size, default="12GiB", help="e.g. 12GiB, 500MiB, 16GB")
@@ -154,50 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-max-depth", type=int, help="check the fit at the answer or at most this depth "
                    "(default: 1000 on CPU, where a deeper step takes minutes; no limit on CUDA)")
     p.add_argument("--json", metavar="FILE", help="config and results")
-    p.set_defaults(validate=max_depth.validate, run=max_depth.run)
+    p.set_defaults(validate=max_depth_command.validate, run=max_depth_command.run)
     return parser
-
-
-# --- train ----------------------------------------------------------------------------------------
-
-def _validate_train(args: argparse.Namespace) -> None:
-    from .data import resolve_dataset
-    from .train import prepare
-
-    config = TrainConfig(model=args.model, depth=args.depth, growth_rate=args.growth_rate, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
-                         amp_dtype=args.amp_dtype, channels_last=args.channels_last,
-                         backend=args.backend[-1] if args.backend else None, dataset=args.dataset,
-                         data_dir=args.data_dir, img_size=args.img_size, workers=args.workers,
-                         checkpoint=args.checkpoint, resume=args.resume, seed=args.seed)
-    if args.backend and len(args.backend) > 1:
-        raise UsageError(f"{PROG} train: error: one --backend trains the model, got {args.backend}")
-    if args.backend:
-        from .tools import check_backends, check_device
-
-        check_backends(args.backend, check_device(args.device), torch.float32, every=False)
-    check_output_path(args.json, "--json")
-    check_output_path(args.checkpoint, "--checkpoint", make_folder=True)
-    try:
-        if resolve_dataset(args.dataset, args.data_dir) == "digits":
-            require("sklearn", "training on the digits (no --data-dir)", "scikit-learn")
-        args.prepared = prepare(config)
-    except ValueError as err:
-        raise UsageError(f"{PROG} train: error: {err}") from None
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from tqdm import tqdm
-
-    from .tools import write_json
-    from .train import fit
-
-    history = fit(args.prepared, log=tqdm.write)
-    if args.json:
-        write_json(args.json, {"config": asdict(args.prepared.config), "epochs": [asdict(h) for h in history]})
-    return 0
 
 
 # --- The main job (no command) ----------------------------------------------------------------------

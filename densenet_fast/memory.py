@@ -2,7 +2,8 @@
 
 CPU: the peak of live tensor bytes, from the profiler's allocation and free events (a running sum
 of their signed sizes). CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before.
-Either way only what the work allocates counts, not tensors that already existed.
+Either way only what the work allocates counts, not tensors that already existed (``peak_memory``);
+``activation_peak`` and ``training_memory`` apply it to a model's training step.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
+
+MiB = 1 << 20
 
 # What the CPU profiler (Kineto) logs from C++ straight to file descriptor 2 when it starts and stops:
 # 'profiler_start', 'profiler_stop', 'gpuGetDeviceCount failed' on a machine without a GPU...
@@ -70,3 +74,40 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> in
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def activation_peak(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of one training step (forward, ``.float().sum().backward()``: bench.make_step's step)
+    after a warm-up step, so parameter gradients already exist and only activations and transients count."""
+    model.train()
+
+    def step() -> None:
+        model(x).float().sum().backward()
+
+    step()
+    return peak_memory(step, x.device)
+
+
+def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """Bytes of what a training loop keeps between steps: parameters, buffers, gradients, optimizer state."""
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    tensors.update({p.grad.data_ptr(): p.grad for p in model.parameters() if p.grad is not None})
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors.update({t.data_ptr(): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def training_memory(fn: Callable[[], object], model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    device: torch.device) -> tuple[object, int]:
+    """Run one training step ``fn`` and return (its result, the step's peak bytes).
+
+    The peak counts what existed before the step (parameters, buffers, gradients, optimizer state:
+    ``state_bytes``) plus the peak of what the step allocated (activations, saved tensors,
+    temporaries, gradients and optimizer state created by a first step).
+    """
+    device = torch.device(device)
+    out: list[object] = []
+    before = state_bytes(model, optimizer)
+    peak = peak_memory(lambda: out.append(fn()), device)
+    return out[0], before + peak

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
-from .bench import MiB, min_image_size, training_memory
+from .comparison import min_image_size
 from .data import DATASETS, Data, open_data
+from .memory import MiB, training_memory
 from .tools import AMP_DTYPES, default_device, resolve_device
 
 MODELS = ("densenet_bc", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -272,7 +273,7 @@ def fit(run: Run, log: Callable[[str], None] = print) -> list[EpochStats]:
             for i, (xb, yb) in enumerate(bar):
                 xb, yb = _to_device(run, xb), yb.to(run.device)
                 if i == 0:
-                    # The first step of each epoch is measured (see bench.training_memory for what counts).
+                    # The first step of each epoch is measured (see memory.training_memory for what counts).
                     # training_memory calls the lambda before it returns: this iteration's batch.
                     (loss, hits), peak = training_memory(lambda: step(xb, yb),  # noqa: B023
                                                          model, optimizer, run.device)

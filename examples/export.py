@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import densenet_fast
-from densenet_fast.bench import torchvision_densenet_bc
+from densenet_fast.comparison import torchvision_densenet_bc
 
 
 def main(argv=None):

@@ -13,7 +13,8 @@ from torch import nn
 
 import densenet_fast
 from cli_helpers import assert_one_error_line, run
-from densenet_fast import bench, cli, max_depth, tools
+from densenet_fast import bench, bench_command, cli, comparison, max_depth, tools
+from densenet_fast.ops.registry import _FACTORIES
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def no_work(monkeypatch):
     def work(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setattr(bench, "comparison_models", work)
+    monkeypatch.setattr(bench_command, "comparison_models", work)
     monkeypatch.setattr(max_depth, "measure_step_transient", work)
     monkeypatch.setattr("densenet_fast.train.fit", work)
 
@@ -140,12 +141,13 @@ def test_timing_rounds_warmup_and_bar():
 def test_min_image_size_is_what_the_models_need():
     import torchvision
 
-    assert bench.min_image_size("densenet121") == torchvision.models.DenseNet121_Weights.DEFAULT.meta["min_size"][0]
+    min_size = torchvision.models.DenseNet121_Weights.DEFAULT.meta["min_size"][0]
+    assert comparison.min_image_size("densenet121") == min_size
     for name, depth in (("densenet121", None), (None, 10)):
         with torch.device("meta"):
-            model = bench.torchvision_model(name, depth).train()
+            model = comparison.torchvision_model(name, depth).train()
         for batch in (1, 2):
-            side = bench.min_image_size(name, batch)
+            side = comparison.min_image_size(name, batch)
             model(torch.empty(batch, 3, side, side, device="meta"))
             with pytest.raises((RuntimeError, ValueError)):  # a 0-pixel map; one value per channel for BN
                 model(torch.empty(batch, 3, side - 1, side - 1, device="meta"))
@@ -268,7 +270,7 @@ def test_version(capsys):
     (["bench", "--depth", "41"], "6n + 4"),
     (["bench", "--rounds", "0"], "--rounds must be at least 1"),
     (["bench", "-b", "0"], "--batch-size must be at least 1"),
-    (["bench", "--backend", "nosuch"], "unknown backend 'nosuch'; expected one of cpp, torch, triton"),
+    (["bench", "--backend", "nosuch"], f"unknown backend 'nosuch'; expected one of {', '.join(sorted(_FACTORIES))}"),
     (["bench", "--dtype", "float64", "--amp"], "drop --dtype"),
     (["bench", "--amp", "bf16"], "invalid choice: 'bf16'"),
     (["bench", "--plot", "memory.xyz"], "expected a file name ending in one of"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from densenet_fast.bench import torchvision_densenet_bc
+from densenet_fast.comparison import torchvision_densenet_bc
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

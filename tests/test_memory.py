@@ -5,7 +5,7 @@ import torch
 
 import densenet_fast
 from densenet_fast import reference
-from densenet_fast.bench import activation_peak
+from densenet_fast.memory import activation_peak
 from densenet_fast.models import _DenseBlock, _Transition
 from densenet_fast.stage import dense_stage
 

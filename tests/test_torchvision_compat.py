@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import densenet_fast
-from densenet_fast.bench import torchvision_densenet_bc
+from densenet_fast.comparison import torchvision_densenet_bc
 from helpers import compare_with_reference
 
 PRESETS = ["densenet121", "densenet161", "densenet169", "densenet201"]

@@ -8,9 +8,11 @@ for torchvision's cuDNN convolutions, torch.backends.cuda.matmul.allow_tf32 for 
 backend's GEMMs), or off on both with ``--tf32 off``; the header says which.
 
 Workloads: DenseNet-121 at batch 64, 224x224 and DenseNet-BC-100 (k=12) at batch 64, 32x32, each
-under bfloat16 autocast first, then in float32. For every workload one markdown table over each
-available densenet_fast backend and torchvision with memory_efficient=False and True (plus
-torch.compile'd torchvision with ``--compile``): peak memory (torch.cuda.max_memory_allocated),
+under bfloat16 autocast first, then in float32. For every workload one markdown table over
+torchvision with memory_efficient=False and True (plus torch.compile'd torchvision with
+``--compile``) and each densenet_fast backend that computes on the workload's input (every
+available backend whose ``supports(x)`` says yes: a new backend is benchmarked without a change
+here), the set built by densenet_fast.comparison.comparison_models: peak memory (torch.cuda.max_memory_allocated),
 median eager training-step time, the step replayed as a CUDA graph (or why it can't be captured),
 kernels per step and the share of the step's wall time the GPU is busy (one profiled eager step:
 the union of its kernels' intervals over the step), with the issue's targets checked beside. Each
@@ -25,7 +27,6 @@ import json
 import statistics
 import time
 import traceback
-from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -33,9 +34,10 @@ import torchvision
 from torch import nn
 
 import densenet_fast
-from densenet_fast.bench import MiB, Pinned, StepResult, compare_steps, make_step, torchvision_densenet_bc
+from densenet_fast.bench import MiB, StepResult, compare_steps, make_step
+from densenet_fast.comparison import BASELINE, MEMORY_EFFICIENT, backends_for, comparison_models, fast_name
 
-TV, TV_ME, TV_COMPILED = "torchvision", "torchvision memory_efficient", "torchvision compiled"
+TV, TV_ME = BASELINE, MEMORY_EFFICIENT
 # The issue's targets for densenet_fast.
 MEMORY_TARGET = 0.25  # peak memory vs torchvision
 TIME_TARGET = {"float32": 1.0, "bf16 autocast": 0.9}  # step time vs torchvision
@@ -125,21 +127,6 @@ def format_results(results: list[StepResult], extras: dict[str, tuple[str, str, 
     return "\n".join(lines)
 
 
-def build_models(make_tv: Callable[[bool], nn.Module], device: torch.device, with_compile: bool,
-                 log: Callable[[str], None]) -> dict[str, nn.Module]:
-    torch.manual_seed(0)
-    tv = make_tv(False).to(device)
-    models: dict[str, nn.Module] = {TV: tv, TV_ME: make_tv(True).to(device)}
-    models[TV_ME].load_state_dict(tv.state_dict())
-    for backend in densenet_fast.available_backends():
-        fast = densenet_fast.convert(make_tv(False)).to(device)
-        fast.load_state_dict(tv.state_dict())
-        models[f"densenet_fast[{backend}]"] = Pinned(fast, backend)
-    if with_compile:
-        models[TV_COMPILED] = torch.compile(make_tv(False).to(device))
-    return models
-
-
 def usable(models: dict[str, nn.Module], x: torch.Tensor, autocast_dtype, log) -> dict[str, nn.Module]:
     """The models whose training step runs here (a backend that can't serve x is dropped, and said so)."""
     kept = {}
@@ -179,17 +166,16 @@ def main() -> None:
         with open(args.out.rsplit(".", 1)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 
+    # (title, torchvision model name or None for a DenseNet-BC, its depth, growth rate, batch, image side)
     if args.cpu_smoke:
         device = torch.device("cpu")
-        workloads = [("DenseNet-BC-10 (k=4)", lambda me: torchvision_densenet_bc(10, 4, memory_efficient=me), 2, 16),
-                     ("DenseNet-121", lambda me: torchvision.models.densenet121(memory_efficient=me), 2, 32)]
+        workloads = [("DenseNet-BC-10 (k=4)", None, 10, 4, 2, 16), ("DenseNet-121", "densenet121", None, 32, 2, 32)]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device (use --cpu-smoke to check the script on CPU)")
         device = torch.device("cuda")
-        workloads = [("DenseNet-121", lambda me: torchvision.models.densenet121(memory_efficient=me), 64, 224),
-                     ("DenseNet-BC-100 (k=12)", lambda me: torchvision_densenet_bc(100, 12, memory_efficient=me),
-                      64, 32)]
+        workloads = [("DenseNet-121", "densenet121", None, 32, 64, 224),
+                     ("DenseNet-BC-100 (k=12)", None, 100, 12, 64, 32)]
     precisions = [("bf16 autocast", torch.bfloat16), ("float32", None)]  # bf16 first: the headline
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: plumbing only)"
     log(f"\n## Benchmarks on {name}\n\ntorch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -199,7 +185,7 @@ def main() -> None:
         f"{torch.backends.cudnn.allow_tf32}); "
         f"{args.rounds} timed rounds (median)\n")
 
-    for title, make_tv, batch, size in workloads:
+    for title, model, depth, growth_rate, batch, size in workloads:
         for precision, autocast_dtype in precisions:
             heading = f"### {title}, batch {batch}, {size}x{size}, {precision}"
             if args.deadline is not None and time.time() > args.deadline:
@@ -209,9 +195,15 @@ def main() -> None:
             start = time.time()
             try:
                 with_compile = args.compile and (args.deadline is None or args.deadline - time.time() > 240)
-                models = build_models(make_tv, device, with_compile, log)
                 torch.manual_seed(1)
                 x = torch.randn(batch, 3, size, size, device=device)
+                backends = backends_for(x, autocast_dtype)  # every available backend that computes on x
+                skipped = [b for b in densenet_fast.available_backends() if b not in backends]
+                if skipped:
+                    log(f"- not for {autocast_dtype or x.dtype} on {device.type}: "
+                        f"{', '.join(fast_name(b) for b in skipped)}")
+                torch.manual_seed(0)
+                models = comparison_models(model, depth, backends, growth_rate, with_compile, device=device)
                 models = usable(models, x, autocast_dtype, log)
                 results = compare_steps(models, x, rounds=args.rounds, autocast_dtype=autocast_dtype,
                                         progress=lambda s: print(f"  {s}", flush=True))
