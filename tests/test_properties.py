@@ -1,4 +1,5 @@
 """Property-based: random configurations and shapes against the naive reference, in float64."""
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -27,6 +28,7 @@ def configurations(draw):
     return config, (batch, 3, h, w)
 
 
+@pytest.mark.slow  # 15 random models, about 8 s on a CPU machine
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(configurations())
 def test_random_configurations_match_reference(case):

@@ -23,7 +23,8 @@ def weights(path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
-    """A 2-epoch digits run's checkpoint and output (shared: a digits epoch takes seconds)."""
+    """A 2-epoch digits run's checkpoint and output (shared: a digits epoch takes seconds). Its run
+    takes about 8 s on a CPU machine: every test that uses it is marked slow."""
     path = tmp_path_factory.mktemp("train") / "straight.pt"
     import contextlib
     import io
@@ -36,6 +37,7 @@ def two_epochs(tmp_path_factory):
     return path, out.getvalue()
 
 
+@pytest.mark.slow  # two_epochs
 def test_train_prints_epochs_and_writes_a_checkpoint(two_epochs):
     path, out = two_epochs
     assert "epoch 1/2: lr 0.003, loss" in out and "epoch 2/2: lr 0.0015, loss" in out and "peak memory" in out
@@ -46,6 +48,7 @@ def test_train_prints_epochs_and_writes_a_checkpoint(two_epochs):
         "densenet_bc", 10, 4, 3e-3, 0)
 
 
+@pytest.mark.slow  # two_epochs
 def test_interrupted_then_resumed_matches_an_uninterrupted_run(capsys, tmp_path, monkeypatch, two_epochs):
     straight, _ = two_epochs
     resumed = tmp_path / "resumed.pt"
@@ -69,6 +72,7 @@ def test_interrupted_then_resumed_matches_an_uninterrupted_run(capsys, tmp_path,
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow  # two_epochs
 def test_resume_with_more_epochs_follows_the_longer_schedule(capsys, tmp_path, two_epochs):
     """docs/cli.md's example at a smaller scale: --epochs 2, then --epochs 4 --resume."""
     start, _ = two_epochs
@@ -98,6 +102,7 @@ def test_cosine_schedule_is_cosine_annealing_lr():
         scheduler.step()
 
 
+@pytest.mark.slow  # two_epochs
 def test_resume_refusals(capsys, no_training, two_epochs, tmp_path):
     path, _ = two_epochs
     for argv, fragment in (
