@@ -222,16 +222,17 @@ class OpCase(NamedTuple):
         return torch.float32 if self.dtype in HALF_DTYPES else self.dtype
 
 
-def op_cases(kind: str, shapes=(None,), *, dtypes=ALL_DTYPES, backends=OP_BACKENDS, slow=None):
+def op_cases(kind, shapes=(None,), *, dtypes=ALL_DTYPES, backends=OP_BACKENDS, slow=None):
     """``(case, shape)`` parameters: an OpCase for every backend x device x dtype that some machine
-    runs (RUNS_ON), with TOLERANCES[kind][dtype], times ``shapes``; ``slow(case, shape)`` marks cases
-    slow. A backend not built here is skipped (as backend_params), CUDA cases without CUDA."""
+    runs (RUNS_ON), with TOLERANCES[kind][dtype] (``kind`` a name, or a dict of one per dtype), times
+    ``shapes``; ``slow(case, shape)`` marks cases slow. A backend not built here is skipped (as
+    backend_params), CUDA cases without CUDA."""
     available = densenet_fast.available_backends()
     params = []
     for name in backends:
         for device, runs in RUNS_ON[name].items():
             for dtype in (d for d in dtypes if d in runs):
-                case = OpCase(name, device, dtype, *TOLERANCES[kind][dtype])
+                case = OpCase(name, device, dtype, *TOLERANCES[kind if isinstance(kind, str) else kind[dtype]][dtype])
                 for shape in shapes:
                     marks = []
                     if name not in available:

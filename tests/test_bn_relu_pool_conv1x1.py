@@ -1,0 +1,48 @@
+"""bn_relu_pool_conv1x1 (the transition) and its backward on every backend against
+densenet_fast.ops.reference: whole NCHW and channels_last buffers and channel slices of them, odd
+heights and widths (the last row/column feeds no pooling window), with CoefsFrom; the backward's
+input gradient (written, zero on an odd map's last row/column, or accumulated), weight gradient and
+BN reductions, with CoefSums."""
+import pytest
+import torch
+
+from densenet_fast.ops.interface import CoefsFrom
+from helpers import LAYOUTS, bn_vectors, check_op, conv_weight, op_cases, op_tensor, seeded
+from test_bn_relu_conv1x1 import bn_affine_parameters
+
+# (N, C_in, C_out, H, W, channel offset of the views): batch 1, odd sizes, a 2 x 3 map, several K
+# and output tiles (70 > 32 input channels).
+SHAPES = [(1, 13, 7, 7, 5, 3), (3, 37, 7, 9, 11, 3), (2, 10, 7, 8, 6, 3), (1, 13, 6, 5, 7, 0), (2, 19, 9, 2, 3, 0),
+          (2, 70, 35, 17, 18, 0)]
+
+
+def forward_inputs(case, shape, layout, seed=40):
+    n, c_in, c_out, h, w, offset = shape
+    x = op_tensor((n, c_in, h, w), case, layout, seed, offset=offset)
+    scale, shift, center = bn_vectors(c_in, case, seed + 1)
+    return x, scale, shift, center, conv_weight(c_out, c_in, 1, case, seed + 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case, shape", op_cases("op", SHAPES))
+def test_bn_relu_pool_conv1x1(case, shape, layout):
+    x, scale, shift, _, weight = forward_inputs(case, shape, layout)
+    check_op(case, "bn_relu_pool_conv1x1", x, scale, shift, weight)
+
+
+@pytest.mark.parametrize("case, shape", op_cases("op", [(2, 70, 20, 9, 11, 0)]))
+def test_computes_its_coefficients_from_statistics(case, shape):
+    """CoefsFrom as in bn_relu_conv1x1: the transition's scale and shift computed first (in the
+    Triton kernel, over several K tiles and programs) and written into the block the backward reads."""
+    x, _, _, _, weight = forward_inputs(case, shape, "nchw_view", seed=4)
+    c_in = shape[1]
+    mean = (0.3 * seeded(c_in, 5)).to(device=case.device, dtype=case.stats_dtype)
+    invstd = (seeded(c_in, 6).abs() + 0.5).to(device=case.device, dtype=case.stats_dtype)
+    bn_weight, bn_bias = bn_affine_parameters(c_in, case, "weight_and_bias", seed=7)
+    coefs = torch.full((2, c_in), float("nan"), device=case.device, dtype=case.stats_dtype)
+    _, (*_, coefs_from) = check_op(case, "bn_relu_pool_conv1x1", x, coefs[0], coefs[1], weight,
+                                   CoefsFrom(mean, invstd, bn_weight, bn_bias, coefs))
+    scale = invstd.double() * bn_weight.double()
+    exact = 1e-6 if case.stats_dtype == torch.float32 else 1e-12
+    shift = bn_bias.double() - mean.double() * scale
+    torch.testing.assert_close(coefs_from.coefs.double(), torch.stack([scale, shift]), atol=exact, rtol=exact)
