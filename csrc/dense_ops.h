@@ -29,6 +29,10 @@ void affine_relu_cpu_out(const Tensor& x, const Tensor& scale, const Tensor& shi
 std::tuple<Tensor, Tensor> bn_relu_backward_cpu_out(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
                                                     const Tensor& shift, const Tensor& center, const Tensor& grad_x,
                                                     bool accumulate);
+// The same, with the two sums in double (to add up over chunks of images before one cast).
+std::tuple<Tensor, Tensor> bn_relu_backward_cpu_sums(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
+                                                     const Tensor& shift, const Tensor& center, const Tensor& grad_x,
+                                                     bool accumulate);
 void bn_grad_finalize_cpu(const Tensor& grad_x, const Tensor& x, const Tensor& center, const Tensor& coef_x,
                           const Tensor& coef_c);
 // A BN's (2, C) coefficients, scale = weight * invstd and shift = bias - mean * scale (weight,

@@ -215,9 +215,9 @@ void affine_relu_cpu_out(const Tensor& x, const Tensor& scale, const Tensor& shi
                                   [&] { affine_relu_impl<scalar_t>(x, scale, shift, y); });
 }
 
-std::tuple<Tensor, Tensor> bn_relu_backward_cpu_out(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
-                                                    const Tensor& shift, const Tensor& center, const Tensor& grad_x,
-                                                    bool accumulate) {
+std::tuple<Tensor, Tensor> bn_relu_backward_cpu_sums(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
+                                                     const Tensor& shift, const Tensor& center, const Tensor& grad_x,
+                                                     bool accumulate) {
   const int64_t channels = x.size(1);
   auto options = x.options().dtype(at::kDouble);
   Tensor sum_dy = at::zeros({channels}, options), sum_dy_xc = at::zeros({channels}, options);
@@ -230,6 +230,13 @@ std::tuple<Tensor, Tensor> bn_relu_backward_cpu_out(const Tensor& grad_y, const 
       bn_relu_backward_impl<false, scalar_t>(grad_y, x, scale, shift, center, grad_x, dy, dy_xc);
     }
   });
+  return {sum_dy, sum_dy_xc};
+}
+
+std::tuple<Tensor, Tensor> bn_relu_backward_cpu_out(const Tensor& grad_y, const Tensor& x, const Tensor& scale,
+                                                    const Tensor& shift, const Tensor& center, const Tensor& grad_x,
+                                                    bool accumulate) {
+  auto [sum_dy, sum_dy_xc] = bn_relu_backward_cpu_sums(grad_y, x, scale, shift, center, grad_x, accumulate);
   const auto dtype = stats_dtype(x.scalar_type());
   return {sum_dy.to(dtype), sum_dy_xc.to(dtype)};
 }

@@ -120,16 +120,19 @@ class CompositeBackend(Backend):
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad):
-        dy = torch.ops.aten.convolution_backward(
-            grad_out, z, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
         grad_w = _weight_grad_accumulator(weight, z) if need_weight_grad else None
-        if grad_w is not None:
-            for s in _chunks(z):
-                y = ops.affine_relu(z[s], scale, shift)
-                grad_w += torch.ops.aten.convolution_backward(
-                    grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
-        sum_dy, sum_dy_xc = ops.bn_relu_backward(walkable(dy), z, scale, shift, center, grad_x, accumulate)
-        return ConvGrads(grad_w, sum_dy, sum_dy_xc)
+        sums = [torch.zeros_like(center), torch.zeros_like(center)]
+        # Both gradients a chunk of images at a time: the conv's input gradient exists for one
+        # chunk beside grad_x, not for the whole batch. (The input gradient needs no activations.)
+        for s in _chunks(z):
+            y = ops.affine_relu(z[s], scale, shift) if need_weight_grad else z[s]
+            dy, gw, _ = torch.ops.aten.convolution_backward(
+                grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight_grad, False])
+            del y
+            if grad_w is not None:
+                grad_w += gw
+            self._finish(walkable(dy), z, scale, shift, center, grad_x, accumulate, s, sums)
+        return ConvGrads(grad_w, sums[0], sums[1])
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
         coefficients_first(self, coefs_from)

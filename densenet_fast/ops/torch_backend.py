@@ -181,17 +181,16 @@ class TorchBackend(Backend):
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad):
         affine = _Affine(scale, shift, z.dtype)
-        # The input gradient needs no activations: one transposed conv over the whole batch.
-        dy_all = torch.ops.aten.convolution_backward(
-            grad_out, z, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
         grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
+        # Both gradients a chunk of images at a time: the conv's input gradient exists for one
+        # chunk beside grad_x, not for the whole batch.
         for s in _chunks(z):
             y = affine.relu(z[s])
+            dy, gw, _ = torch.ops.aten.convolution_backward(
+                grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight_grad, False])
             if grad_w is not None:
-                grad_w += torch.ops.aten.convolution_backward(
-                    grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
-            dy = dy_all[s]
+                grad_w += gw
             _finish_dy(dy, y, z[s], center, affine.ones, sums)
             del y
             _into(grad_x[s], dy, affine.scale4, accumulate)
