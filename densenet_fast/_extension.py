@@ -6,7 +6,8 @@ build of it under a CPU-only torch, or the other C++ ABI can crash the process o
 that names that torch (``setup.py`` calls :func:`record_source`), and :func:`load_extension`
 reads it from the file *without loading the library*, compares it with the running torch and
 loads only a match. A mismatch is refused with one warning, and the registry (``ops/registry.py``)
-reports the ``cpp`` backend unavailable for that reason; the other backends still run.
+reports the ``cpp`` and ``composite`` backends (both run on it) unavailable for that reason; the
+other backends still run.
 
 ``setup.py`` loads this file by path, so it imports nothing of densenet_fast.
 """
@@ -93,8 +94,8 @@ _warned = False
 
 def _refuse(path: str, reason: str) -> ImportError:
     global _warned
-    message = (f"densenet_fast: not loading the compiled extension {path}: {reason}; the 'cpp' backend is off "
-               f"and blocks use the other backends (rebuild it for this torch: {REBUILD})")
+    message = (f"densenet_fast: not loading the compiled extension {path}: {reason}; the 'cpp' and 'composite' "
+               f"backends are off and blocks use the other backends (rebuild it for this torch: {REBUILD})")
     if not _warned:  # once per process, though the registry may try again after register_backend
         _warned = True
         # filename in <>: the warning prints as one line, with no source line under it.
@@ -112,9 +113,9 @@ def load_extension(path: Optional[str] = None) -> None:
         spec = importlib.util.find_spec(EXTENSION)
         if spec is None or not spec.origin:
             raise ImportError(
-                f"the 'cpp' backend needs the compiled extension {EXTENSION}, which is not built in this "
-                "installation; build it with `pip install --no-build-isolation -e .` (a C++ compiler and ninja "
-                "are required; set DENSENET_FAST_CUDA=0 to skip the CUDA kernels)")
+                f"the 'cpp' and 'composite' backends need the compiled extension {EXTENSION}, which is not "
+                "built in this installation; build it with `pip install --no-build-isolation -e .` (a C++ "
+                "compiler and ninja are required; set DENSENET_FAST_CUDA=0 to skip the CUDA kernels)")
         path = spec.origin
     built = read_record(path)
     if built is None:

@@ -97,13 +97,14 @@ class Pinned(nn.Module):
 
 
 def backends_for(x: torch.Tensor, autocast_dtype: Optional[torch.dtype] = None) -> list[str]:
-    """The densenet_fast backends available here that compute on tensors like ``x`` (its device; its
-    dtype, or under autocast ``autocast_dtype``): every one in the registry that ``supports`` them, so
-    a new backend joins the comparison without a change here."""
-    from .ops import available_backends, backend_named
+    """The densenet_fast backends available here that serve tensors like ``x`` (its device; its
+    dtype, or under autocast ``autocast_dtype``): every one the registry lists for the device
+    (``serving_backends``) that ``supports`` them, so a new backend joins the comparison without a
+    change here."""
+    from .ops import backend_named, serving_backends
 
     probe = x if autocast_dtype is None else torch.empty(2, 1, 1, 1, device=x.device, dtype=autocast_dtype)
-    return [name for name in available_backends() if backend_named(name).supports(probe) is None]
+    return [name for name in serving_backends(x.device.type) if backend_named(name).supports(probe) is None]
 
 
 def comparison_models(model: Optional[str], depth: Optional[int], backends: list[str], growth_rate: int = 12,

@@ -128,12 +128,13 @@ def check_device(name: str) -> torch.device:
 
 def check_backends(requested: list[str] | None, device: torch.device, dtype: torch.dtype,
                    every: bool = True) -> list[str]:
-    """The requested backends (default: every available one, or with ``every=False`` none: automatic
-    choice), each of which must be known, built here, and compute on ``dtype`` tensors on ``device``;
-    an available backend that can't is skipped with a note on stderr when none was requested."""
+    """The requested backends (default: every available one that serves ``device`` without a pin,
+    ``serving_backends``; with ``every=False`` none: automatic choice), each of which must be known,
+    built here, and compute on ``dtype`` tensors on ``device``; an available backend that can't is
+    skipped with a note on stderr when none was requested."""
     import sys
 
-    from .ops import available_backends, backend_named, use_backend
+    from .ops import backend_named, serving_backends, use_backend
 
     for name in requested or []:
         try:
@@ -146,10 +147,10 @@ def check_backends(requested: list[str] | None, device: torch.device, dtype: tor
                              f"{', '.join(sorted(_FACTORIES))}") from None
         except RuntimeError as err:  # one of ours, not built or not loadable in this installation
             raise UsageError(f"{PROG}: error: {str(err).splitlines()[0]}") from None
-    names = requested or (available_backends() if every else [])
+    names = requested or (serving_backends(device.type) if every else [])
     usable = []
     probe = torch.empty(2, 1, 1, 1, device=device, dtype=dtype)
-    for name in names:  # each known and available here (checked above, or available_backends')
+    for name in names:  # each known and available here (checked above, or serving_backends')
         reason = backend_named(name).supports(probe)
         if reason is None:
             usable.append(name)

@@ -9,9 +9,10 @@ from .registry import (
     backend_named,
     get_backend_name,
     register_backend,
+    serving_backends,
     set_backend,
     use_backend,
 )
 
 __all__ = ["available_backends", "backend_for", "backend_name_for", "backend_named", "get_backend_name",
-           "register_backend", "set_backend", "use_backend"]
+           "register_backend", "serving_backends", "set_backend", "use_backend"]
