@@ -7,7 +7,7 @@ accumulated into a slice of a gradient buffer), weight gradient and BN reduction
 import pytest
 import torch
 
-from densenet_fast.ops.interface import CoefsFrom, StatsOut
+from densenet_fast.ops.interface import CoefsFrom, CoefSums, StatsOut
 from helpers import LAYOUTS, bn_vectors, check_op, conv_weight, op_cases, op_tensor, seeded
 from test_channel_stats import EPS, packed_rows
 
@@ -86,3 +86,91 @@ def test_computes_its_coefficients_from_statistics(case, shape, affine):
     shift = (0.0 if bn_bias is None else bn_bias.double()) - mean.double() * scale
     exact = 1e-6 if case.stats_dtype == torch.float32 else 1e-12
     torch.testing.assert_close(coefs_from.coefs.double(), torch.stack([scale, shift]), atol=exact, rtol=exact)
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+# (N, C_in, C_out, H, W, channel offset of the views), as SHAPES; 300 input channels over 23 x 21
+# pixels: several tiles per image in the cpp CPU loops (channels_last: rows of one pixel's channels).
+BACKWARD_SHAPES = [(1, 13, 10, 7, 5, 3), (3, 37, 10, 9, 11, 3), (2, 9, 10, 7, 9, 0), (1, 13, 11, 5, 7, 0),
+                   (2, 19, 20, 3, 3, 0), (2, 70, 90, 9, 11, 0), (2, 300, 10, 23, 21, 0)]
+# What a backward writes: scale * dy added into the gradient buffer's slice (the block's usual case),
+# with the weight gradient; or written over a slice holding NaN (every element must be written,
+# the previous contents never read), without it.
+MODES = {"accumulate": (True, True), "write": (False, False)}
+
+
+def backward_inputs(case, shape, layout, kernel, accumulate, seed=50, pooled=False, grad_out_offset=None):
+    """(grad_out, x, scale, shift, weight, center, grad_x) of a backward: ``grad_out`` in x's layout
+    family (with ``grad_out_offset`` a channel slice of a gradient buffer, as the block passes a
+    layer's new channels' gradient), ``grad_x`` a slice of a gradient buffer (NaN without ``accumulate``)."""
+    n, c_in, c_out, h, w, offset = shape
+    x = op_tensor((n, c_in, h, w), case, layout, seed, offset=offset)
+    scale, shift, center = bn_vectors(c_in, case, seed + 1)
+    weight = conv_weight(c_out, c_in, kernel, case, seed + 2)
+    out_hw = (h // 2, w // 2) if pooled else (h, w)
+    family = layout.removesuffix("_view")
+    if grad_out_offset is None:
+        grad_out = op_tensor((n, c_out) + out_hw, case, family, seed + 3)
+    else:
+        grad_out = op_tensor((n, c_out) + out_hw, case, family + "_view", seed + 3, offset=grad_out_offset)
+    grad_x = op_tensor((n, c_in, h, w), case, layout, seed + 4, offset=offset,
+                       fill=None if accumulate else float("nan"))
+    return grad_out, x, scale, shift, weight, center, grad_x
+
+
+def check_backward(case, op, inputs, accumulate, need_weight_grad, *extra):
+    grads, args = check_op(case, op, *inputs, accumulate, need_weight_grad, *extra)
+    assert (grads.grad_weight is None) != need_weight_grad
+    if need_weight_grad:
+        assert grads.grad_weight.is_contiguous()
+    return grads, args
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case, shape", op_cases("op", BACKWARD_SHAPES, slow=_slow))
+def test_bn_relu_conv1x1_backward(case, shape, layout, mode):
+    accumulate, need_weight_grad = MODES[mode]
+    inputs = backward_inputs(case, shape, layout, 1, accumulate)
+    check_backward(case, "bn_relu_conv1x1_backward", inputs, accumulate, need_weight_grad)
+
+
+@pytest.mark.parametrize("need_weight_grad", [True, False], ids=["weight_grad", "no_weight_grad"])
+@pytest.mark.parametrize("case, shape", op_cases("op", [BACKWARD_SHAPES[3], BACKWARD_SHAPES[5]], slow=_slow))
+def test_backward_adds_batch_statistics_terms(case, shape, need_weight_grad):
+    """With CoefSums: coef_x += fx * sum_dy_xc and coef_c += fc * sum_dy (in the Triton launch that
+    finishes the sums), into channel-prefix views of the block's (2, C) accumulator rows; the
+    channels past the prefix untouched."""
+    inputs = backward_inputs(case, shape, "nchw_view", 1, True, seed=2)
+    c_in = shape[1]
+    acc = seeded((2, c_in + 7), 8).to(device=case.device, dtype=case.stats_dtype)
+    fx, fc = (seeded(c_in, s).to(device=case.device, dtype=case.stats_dtype) for s in (9, 10))
+    check_backward(case, "bn_relu_conv1x1_backward", inputs, True, need_weight_grad,
+                   CoefSums(acc[0, :c_in], acc[1, :c_in], fx, fc))
+
+
+@pytest.mark.parametrize("case, shape", op_cases("op", dtypes=(torch.bfloat16,), backends=("torch",)))
+def test_half_precision_weight_grads_are_summed_in_float32(case, shape):
+    """256 images, each one's weight gradient rounded to bfloat16 before the sum, would drift like
+    sqrt(256) times one rounding: the sum stays in float32, within 1.5x ATen's own bfloat16 error."""
+    b = case.open()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 24, 4, 4, generator=g)
+    scale, shift = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g) * 0.1
+    weight = torch.randn(16, 24, 1, 1, generator=g) * 0.2
+    grad_out = torch.randn(256, 16, 4, 4, generator=g)
+
+    def aten_weight_grad(dtype):
+        y = torch.relu(x.to(dtype) * scale.to(dtype)[:, None, None] + shift.to(dtype)[:, None, None])
+        w = weight.to(dtype).requires_grad_(True)
+        torch.nn.functional.conv2d(y, w).backward(grad_out.to(dtype))
+        return w.grad.double()
+
+    exact, aten = aten_weight_grad(torch.float64), aten_weight_grad(torch.bfloat16)
+    ours = b.bn_relu_conv1x1_backward(grad_out.bfloat16(), x.bfloat16(), scale, shift, weight.bfloat16(),
+                                      torch.zeros(24), torch.empty(x.shape, dtype=torch.bfloat16), False,
+                                      True).grad_weight
+    err = (ours.double() - exact).norm() / exact.norm()
+    err_aten = (aten - exact).norm() / exact.norm()
+    assert err <= 1.5 * err_aten, (err.item(), err_aten.item())

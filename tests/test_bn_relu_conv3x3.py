@@ -10,7 +10,7 @@ import torch
 
 from densenet_fast.ops.interface import StatsOut
 from helpers import LAYOUTS, bn_vectors, check_op, conv_weight, op_cases, op_tensor
-from test_bn_relu_conv1x1 import AFFINES, bn_affine_parameters
+from test_bn_relu_conv1x1 import AFFINES, MODES, backward_inputs, bn_affine_parameters, check_backward
 from test_channel_stats import EPS, packed_rows
 
 # (N, bottleneck channels, new channels k, H, W, channel offset of the bottleneck's views): maps of
@@ -63,3 +63,55 @@ def test_statistics_only_leave_the_coefficients_alone(case, shape):
     z, scale, shift, weight, out, _ = forward_inputs(case, shape, "nchw", seed=11)
     _, rows = packed_rows(shape[2], case, seed=15)
     check_op(case, "bn_relu_conv3x3", z, scale, shift, weight, out, None, True, StatsOut(rows, EPS))
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+# (N, bottleneck channels, k, H, W, channel offset of the views); the last takes about 5 s a case
+# under Triton's interpreter.
+BACKWARD_SHAPES = [(1, 13, 6, 7, 5, 3), (3, 37, 6, 9, 11, 3), (2, 9, 6, 7, 9, 0), (1, 12, 5, 5, 7, 0),
+                   (2, 19, 4, 1, 6, 3), (2, 70, 13, 9, 11, 0)]
+# Maps of at most 2x2 pixels take the cpp CPU small-map GEMMs.
+SMALL_MAPS = [(5, 21, 6) + hw + (0,) for hw in [(1, 1), (2, 2), (2, 1), (1, 2)]]
+GRAD_OUT_OFFSET = 5  # the layer's new channels' gradient: a strided slice of the block's gradient buffer
+
+
+def _slow(case, shape):
+    return case.backend == "triton" and shape[1] >= 70
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case, shape", op_cases("op", BACKWARD_SHAPES + SMALL_MAPS, slow=_slow))
+def test_bn_relu_conv3x3_backward(case, shape, layout, mode):
+    accumulate, need_weight_grad = MODES[mode]
+    inputs = backward_inputs(case, shape, layout, 3, accumulate, seed=60, grad_out_offset=GRAD_OUT_OFFSET)
+    check_backward(case, "bn_relu_conv3x3_backward", inputs, accumulate, need_weight_grad)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case, shape", op_cases("op", SMALL_MAPS))
+def test_weight_gradient_of_small_maps(case, shape, layout, accumulate):
+    """The weight gradient of a map of at most 2x2 pixels: exactly zero for the taps that only meet
+    padding, nonzero for the others (and the same gradients as the 3x3 convolution otherwise)."""
+    inputs = backward_inputs(case, shape, layout, 3, accumulate, seed=90)
+    grads, _ = check_backward(case, "bn_relu_conv3x3_backward", inputs, accumulate, True)
+    hw = shape[3:5]
+    taps = torch.arange(3)
+    meets_pixels = ((taps - 1).abs() < hw[0]).view(3, 1) & ((taps - 1).abs() < hw[1]).view(1, 3)
+    if not meets_pixels.all():
+        assert grads.grad_weight[:, :, ~meets_pixels.to(grads.grad_weight.device)].abs().max() == 0
+    assert (grads.grad_weight[:, :, meets_pixels.to(grads.grad_weight.device)].abs().amax(dim=(0, 1)) > 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("need_weight_grad", [False, True], ids=["no_weight_grad", "weight_grad"])
+@pytest.mark.parametrize("case, shape", op_cases("op", [(3, 8, 4, 300, 300, 0)], dtypes=(torch.float64,),
+                                                 backends=("torch", "cpp", "composite")))
+def test_backward_over_several_chunks(case, shape, need_weight_grad):
+    """A batch over one chunk of normalized activations (2M elements): the cpp CPU op computes the
+    input gradient whole and the weight gradient chunk by chunk (within one chunk both come from one
+    call); the torch and composite backends walk chunks of images."""
+    inputs = backward_inputs(case, shape, "nchw", 3, True, seed=95)
+    check_backward(case, "bn_relu_conv3x3_backward", inputs, True, need_weight_grad)

@@ -6,9 +6,9 @@ BN reductions, with CoefSums."""
 import pytest
 import torch
 
-from densenet_fast.ops.interface import CoefsFrom
+from densenet_fast.ops.interface import CoefsFrom, CoefSums
 from helpers import LAYOUTS, bn_vectors, check_op, conv_weight, op_cases, op_tensor, seeded
-from test_bn_relu_conv1x1 import bn_affine_parameters
+from test_bn_relu_conv1x1 import MODES, backward_inputs, bn_affine_parameters, check_backward
 
 # (N, C_in, C_out, H, W, channel offset of the views): batch 1, odd sizes, a 2 x 3 map, several K
 # and output tiles (70 > 32 input channels).
@@ -46,3 +46,28 @@ def test_computes_its_coefficients_from_statistics(case, shape):
     exact = 1e-6 if case.stats_dtype == torch.float32 else 1e-12
     shift = bn_bias.double() - mean.double() * scale
     torch.testing.assert_close(coefs_from.coefs.double(), torch.stack([scale, shift]), atol=exact, rtol=exact)
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case, shape", op_cases("op", SHAPES + [(2, 9, 8, 7, 9, 0)]))
+def test_bn_relu_pool_conv1x1_backward(case, shape, layout, mode):
+    accumulate, need_weight_grad = MODES[mode]
+    inputs = backward_inputs(case, shape, layout, 1, accumulate, seed=70, pooled=True)
+    check_backward(case, "bn_relu_pool_conv1x1_backward", inputs, accumulate, need_weight_grad)
+
+
+@pytest.mark.parametrize("need_weight_grad", [True, False], ids=["weight_grad", "no_weight_grad"])
+@pytest.mark.parametrize("case, shape", op_cases("op", [(2, 19, 9, 6, 5, 0)]))
+def test_backward_adds_batch_statistics_terms(case, shape, need_weight_grad):
+    """The transition's terms: coef_x += fx * sum_dy_xc and coef_c += fc * sum_dy into the rows of
+    the block's (2, C) accumulator (in the Triton launch that finishes the sums); the gradient written."""
+    inputs = backward_inputs(case, shape, "nchw", 1, False, seed=3, pooled=True)
+    c_in = shape[1]
+    acc = seeded((2, c_in), 8).to(device=case.device, dtype=case.stats_dtype)
+    fx, fc = (seeded(c_in, s).to(device=case.device, dtype=case.stats_dtype) for s in (9, 10))
+    check_backward(case, "bn_relu_pool_conv1x1_backward", inputs, False, need_weight_grad,
+                   CoefSums(acc[0], acc[1], fx, fc))

@@ -8,8 +8,7 @@ import torch
 
 import densenet_fast
 from densenet_fast.reference import DenseNet as ReferenceDenseNet
-from helpers import randomize_bn
-from triton_cases import DEVICE
+from helpers import TRITON_DEVICE as DEVICE, randomize_bn
 
 # Every test runs with backend "triton" pinned, in full float32 (on a GPU the reference's cuDNN
 # convolutions would use TF32 by default): the conftest fixtures.

@@ -126,10 +126,11 @@ def bn_relu_pool_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
 def _backward(layer, grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
               grad_x: Tensor, accumulate: bool, need_weight_grad: bool) -> ConvGrads:
     """Autograd through ``layer(relu(x * scale + shift), weight)``: ``dy`` is the gradient of the
-    BN output ``v = x * scale + shift``; ``grad_x`` receives ``scale * dy`` (added with ``accumulate``)."""
-    v = (x * _c(scale) + _c(shift)).detach().requires_grad_(True)
+    BN output ``v = x * scale + shift`` (in x's dtype, as the forward rounds it: what autograd gives
+    in half precision); ``grad_x`` receives ``scale * dy`` (added with ``accumulate``)."""
+    v = (x * _c(scale) + _c(shift)).to(x.dtype).detach().requires_grad_(True)
     w = weight.detach().requires_grad_(need_weight_grad)
-    layer(torch.relu(v).to(x.dtype), w).backward(grad_out)
+    layer(torch.relu(v), w).backward(grad_out)
     dy = v.grad
     contribution = _c(scale) * dy
     grad_x.copy_(grad_x + contribution if accumulate else contribution)

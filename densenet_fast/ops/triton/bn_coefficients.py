@@ -53,10 +53,3 @@ def bn_coefficients(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias
     launch(_bn_coefficients_kernel)[(triton.cdiv(c, _BLOCK),)](
         mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, scale, shift, c,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=_BLOCK, num_warps=4)
-
-
-def bn_coefficients_ref(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """PyTorch reference (float64 math): the (2, C) scale and shift."""
-    scale = invstd.double() * (1.0 if weight is None else weight.double())
-    shift = (0.0 if bias is None else bias.double()) - mean.double() * scale
-    return torch.stack([scale, shift])

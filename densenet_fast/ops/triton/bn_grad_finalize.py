@@ -61,12 +61,3 @@ def bn_grad_finalize(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, 
         num_warps=4)
     if target is not grad_x:
         grad_x.copy_(target)
-
-
-def bn_grad_finalize_ref(grad_x: Tensor, x: Tensor, center: Tensor, coef_x: Tensor, coef_c: Tensor,
-                         factor_x: Optional[Tensor] = None, factor_c: Optional[Tensor] = None) -> Tensor:
-    """PyTorch reference: the new value of ``grad_x`` (float64 math), ``grad_x`` left unchanged."""
-    if factor_x is not None:
-        coef_x, coef_c = coef_x.double() * factor_x.double(), coef_c.double() * factor_c.double()
-    c4 = [t.double()[:, None, None] for t in (center, coef_x, coef_c)]
-    return (grad_x.double() + c4[1] * (x.double() - c4[0]) + c4[2]).to(grad_x.dtype)

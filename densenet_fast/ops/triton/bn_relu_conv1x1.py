@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -32,8 +31,6 @@ from .common import (
     pixel_rows,
     pooled_bn_relu,
     pow2_block,
-    ref_bn_relu,
-    ref_stats,
     row_align,
     small_map,
     strides_nchw,
@@ -183,12 +180,3 @@ def bn_relu_conv1x1(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     in_args = (None,) * 5 if coefs_from is None else tuple(coefs_from)
     return _bn_relu_conv1x1_op(x, scale, shift, weight, with_stats, stats_into, coefs_into, bn_weight, bn_bias, eps,
                                *in_args)
-
-
-def bn_relu_conv1x1_ref(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                        with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """PyTorch reference of :func:`bn_relu_conv1x1` (float64 math, outputs rounded like the kernel's)."""
-    z = F.conv2d(ref_bn_relu(x, scale, shift), weight.double()).to(x.dtype)
-    if not with_stats:
-        return z, *no_stats(x.device)
-    return (z, *ref_stats(z))

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -35,8 +34,6 @@ from .common import (
     pixel_rows,
     pooled_bn_relu,
     pow2_block,
-    ref_bn_relu,
-    ref_relu_backward,
     row_align,
     split_pixel_tiles,
     strides_nchw,
@@ -264,31 +261,3 @@ def bn_relu_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
     also ``coef_x += fx * sum_dy_xc`` and ``coef_c += fc * sum_dy``, in the same launches."""
     return _bn_relu_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                         need_weight_grad, *(coef_sums or (None,) * 4))
-
-
-def conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, center: Tensor,
-                         grad_x: Optional[Tensor], need_weight_grad: bool,
-                         pool: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """Reference in float64 through autograd: (new grad_x, grad_weight, sum_dy, sum_dy_xc).
-
-    ``grad_x`` is the accumulator's value before the call (None: no accumulation); it is not modified.
-    """
-    xd = x.double()
-    pre = xd * scale.double()[:, None, None] + shift.double()[:, None, None]
-    y = ref_bn_relu(x, scale, shift).requires_grad_(True)
-    wd = weight.double().requires_grad_(need_weight_grad)
-    out = F.conv2d(F.avg_pool2d(y, 2) if pool else y, wd)
-    grads = torch.autograd.grad(out, [y, wd] if need_weight_grad else [y], grad_out.double())
-    dy = ref_relu_backward(grads[0], pre)
-    new_gx = dy * scale.double()[:, None, None]
-    if grad_x is not None:
-        new_gx = new_gx + grad_x.double()
-    sum_dy = dy.sum((0, 2, 3))
-    sum_dy_xc = (dy * (xd - center.double()[:, None, None])).sum((0, 2, 3))
-    grad_w = grads[1].to(weight.dtype) if need_weight_grad else None
-    return new_gx.to(x.dtype), grad_w, sum_dy.float(), sum_dy_xc.float()
-
-
-def bn_relu_conv1x1_backward_ref(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad):
-    """PyTorch reference of :func:`bn_relu_conv1x1_backward`: (new grad_x, grad_weight, sum_dy, sum_dy_xc)."""
-    return conv1x1_backward_ref(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -28,8 +27,6 @@ from .common import (
     launch,
     pixel_rows,
     pow2_block,
-    ref_bn_relu,
-    ref_stats,
     row_align,
     small_map,
     strides_nchw,
@@ -134,15 +131,3 @@ def _bn_relu_conv3x3_op(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
             finalize_stats(partials, m, block_p, stats_into, coefs_into, bn_weight, bn_bias, eps)
         return no_stats(z.device)
     return finalize_stats(partials, m, block_p)
-
-
-def bn_relu_conv3x3_ref(z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                        noise: Optional[Tensor], with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """PyTorch reference of :func:`bn_relu_conv3x3` (float64 math): (new channels, mean, var)."""
-    f = F.conv2d(ref_bn_relu(z, scale, shift), weight.double(), padding=1)
-    if noise is not None:
-        f = f * noise.double()
-    f = f.to(z.dtype)
-    if not with_stats:
-        return f, *no_stats(z.device)
-    return (f, *ref_stats(f))

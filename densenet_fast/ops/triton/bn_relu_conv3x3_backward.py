@@ -15,10 +15,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -32,8 +29,6 @@ from .common import (
     launch,
     pixel_rows,
     pow2_block,
-    ref_bn_relu,
-    ref_relu_backward,
     row_align,
     split_pixel_tiles,
     strides_nchw,
@@ -234,23 +229,3 @@ def bn_relu_conv3x3_backward(grad_out: Tensor, z: Tensor, scale: Tensor, shift: 
         return grad_weight.view(weight.shape), sum_dy, sum_dy_xc
     sum_dy, sum_dy_xc, _ = sum_partials(partials)
     return torch.empty(0, dtype=torch.float32, device=z.device), sum_dy, sum_dy_xc
-
-
-def bn_relu_conv3x3_backward_ref(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                                 center: Tensor, grad_x: Optional[Tensor],
-                                 need_weight_grad: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """PyTorch reference in float64 through autograd: (new grad_x, grad_weight, sum_dy, sum_dy_xc)."""
-    zd = z.double()
-    pre = zd * scale.double()[:, None, None] + shift.double()[:, None, None]
-    y = ref_bn_relu(z, scale, shift).requires_grad_(True)
-    wd = weight.double().requires_grad_(need_weight_grad)
-    out = F.conv2d(y, wd, padding=1)
-    grads = torch.autograd.grad(out, [y, wd] if need_weight_grad else [y], grad_out.double())
-    dy = ref_relu_backward(grads[0], pre)
-    new_gx = dy * scale.double()[:, None, None]
-    if grad_x is not None:
-        new_gx = new_gx + grad_x.double()
-    sum_dy = dy.sum((0, 2, 3))
-    sum_dy_xc = (dy * (zd - center.double()[:, None, None])).sum((0, 2, 3))
-    grad_w = grads[1].to(weight.dtype) if need_weight_grad else None
-    return new_gx.to(z.dtype), grad_w, sum_dy.float(), sum_dy_xc.float()

@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .bn_relu_conv1x1 import conv1x1_forward
-from .common import ref_bn_relu
 
 
 # No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them.
@@ -32,8 +30,3 @@ def bn_relu_pool_conv1x1(x: Tensor, scale: Optional[Tensor], shift: Optional[Ten
     in ``bn_relu_conv1x1`` (scale and shift computed in the kernel, written into its ``coefs``)."""
     in_args = (None,) * 5 if coefs_from is None else tuple(coefs_from)
     return _bn_relu_pool_conv1x1_op(x, scale, shift, weight, *in_args)
-
-
-def bn_relu_pool_conv1x1_ref(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Tensor:
-    """PyTorch reference of :func:`bn_relu_pool_conv1x1` (float64 math)."""
-    return F.conv2d(F.avg_pool2d(ref_bn_relu(x, scale, shift), 2), weight.double()).to(x.dtype)

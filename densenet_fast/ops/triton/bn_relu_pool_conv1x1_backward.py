@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .bn_relu_conv1x1_backward import conv1x1_backward, conv1x1_backward_ref
+from .bn_relu_conv1x1_backward import conv1x1_backward
 
 
 # No default arguments (see bn_relu_conv1x1.py): the Python wrapper below keeps them. The signature
@@ -42,10 +42,3 @@ def bn_relu_pool_conv1x1_backward(grad_out: Tensor, x: Tensor, scale: Tensor, sh
     """
     return _bn_relu_pool_conv1x1_backward_op(grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                              need_weight_grad, *(coef_sums or (None,) * 4))
-
-
-def bn_relu_pool_conv1x1_backward_ref(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                                      center: Tensor, grad_x: Optional[Tensor],
-                                      need_weight_grad: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """PyTorch reference: (new grad_x, grad_weight, sum_dy, sum_dy_xc), computed in float64."""
-    return conv1x1_backward_ref(grad_out, x, scale, shift, weight, center, grad_x, need_weight_grad, True)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import collapsible, launch, pixel_rows, pow2_block, ref_stats, row_align, strides_nchw, tile_stats
+from .common import collapsible, launch, pixel_rows, pow2_block, row_align, strides_nchw, tile_stats
 from .partials import finalize_stats, new_stats_partials, no_stats, store_tile_partials
 
 # Pixels per tile; larger than the GEMM tiles since a tile here is only loaded and reduced.
@@ -76,8 +76,3 @@ def _channel_stats_op(x: Tensor, stats_into: Optional[Tensor], coefs_into: Optio
         finalize_stats(partials, m, tile_p, stats_into, coefs_into, bn_weight, bn_bias, eps)
         return no_stats(x.device)
     return finalize_stats(partials, m, tile_p)
-
-
-def channel_stats_ref(x: Tensor) -> tuple[Tensor, Tensor]:
-    """PyTorch reference of :func:`channel_stats` (float64 math)."""
-    return ref_stats(x)

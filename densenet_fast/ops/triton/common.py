@@ -278,19 +278,3 @@ def dy_epilogue(acc, x, valid, scale, shift, center, gx_ptrs, ACCUMULATE: tl.con
     tl.store(gx_ptrs, g.to(gx_ptrs.dtype.element_ty), mask=valid)
     xc = tl.where(valid, xf - center[None, :], 0.0)
     return column_sum(dy), column_sum(dy * xc)
-
-
-def ref_stats(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Reference per-channel mean and biased variance, computed in float64."""
-    var, mean = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
-    return mean.float(), var.float()
-
-
-def ref_bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """Reference relu(x * scale + shift) in float64."""
-    return torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
-
-
-def ref_relu_backward(grad: Tensor, pre: Tensor) -> Tensor:
-    """The gradient through relu(pre), masked as torch.relu's backward masks it (NaN passes)."""
-    return torch.ops.aten.threshold_backward(grad, torch.relu(pre), 0)
