@@ -64,8 +64,9 @@ def _devices():
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("backend, dtype", backend_params(("cpp", torch.float64), ("torch", torch.float64),
-                                                           ("triton", torch.float32), slow=("triton",)),
+@pytest.mark.parametrize("backend, dtype", backend_params(("cpp", torch.float64), ("composite", torch.float64),
+                                                           ("torch", torch.float64), ("triton", torch.float32),
+                                                           slow=("triton",)),
                          indirect=["backend"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_training_step_of_a_stage_reads_nothing_back(backend, dtype, momentum, device):
@@ -84,7 +85,7 @@ def test_training_step_of_a_stage_reads_nothing_back(backend, dtype, momentum, d
     assert int(blk.denselayer1.norm1.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "torch"), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("cpp", "composite", "torch"), indirect=True)
 def test_training_step_of_a_model_reads_nothing_back(backend):
     """The whole model under the profiler (a dispatch mode would make it run its modules)."""
     model = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True, drop_rate=0.1)

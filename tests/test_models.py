@@ -7,9 +7,10 @@ from torch import nn
 import densenet_fast
 from helpers import backend_params, compare_with_reference, randomize_bn, reference_twin
 
-# Every model test runs on each CPU backend (triton's model test runs in its interpreter).
+# Every model test runs on each CPU backend in float64 (triton has no float64: its model tests,
+# tests/test_triton_model.py, run float32 in its interpreter).
 pytestmark = [pytest.mark.usefixtures("backend"),
-              pytest.mark.parametrize("backend", backend_params("torch", "cpp"), indirect=True)]
+              pytest.mark.parametrize("backend", backend_params("torch", "cpp", "composite"), indirect=True)]
 
 
 def _build(seed=0, dtype=torch.float64, **config):
