@@ -62,6 +62,7 @@ class DenseNet(nn.Module):
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 1000, memory_efficient: bool = True, small_inputs: bool = False) -> None:
         super().__init__()
+        # The stem twins models.DenseNet's on purpose: the reference imports nothing of the fast path.
         if small_inputs:
             stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
         else:

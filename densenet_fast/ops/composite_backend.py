@@ -18,16 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .aten_conv import conv_backward
 from .extension_ops import built_with_cuda, kernel_memory_format, ops, walkable
-from .interface import (
-    Backend,
-    ConvGrads,
-    Unsupported,
-    add_coef_sums,
-    coefficients_first,
-    stats_dtype,
-    stats_result,
-)
+from .interface import Backend, ConvGrads, Unsupported, add_coef_sums, coefficients_first, stats_dtype, stats_result
 
 # The normalized activations are recomputed a chunk of images at a time: up to a quarter of the
 # tensor the input belongs to (for a prefix, the block's feature buffer), and at least
@@ -104,35 +97,31 @@ class CompositeBackend(Backend):
         sums[0] += sum_dy
         sums[1] += sum_dy_xc
 
-    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
-                                 need_weight_grad, coef_sums=None):
+    def _conv_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad,
+                       padding: int) -> ConvGrads:
+        """Both 1x1 and 3x3 convs' backward, a chunk of images at a time: the conv's input gradient
+        exists for one chunk beside grad_x, not for the whole batch; the activations are recomputed
+        only for the weight gradient (the input gradient needs none)."""
         grad_w = _weight_grad_accumulator(weight, x) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         for s in _chunks(x):
-            y = ops.affine_relu(x[s], scale, shift)
-            dy, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[s], y, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, need_weight_grad, False])
+            y = ops.affine_relu(x[s], scale, shift) if need_weight_grad else x[s]
+            dy, gw = conv_backward(grad_out[s], y, weight, padding, need_weight_grad)
             del y
             if grad_w is not None:
                 grad_w += gw
-            self._finish(dy, x, scale, shift, center, grad_x, accumulate, s, sums)
-        return add_coef_sums(coef_sums, ConvGrads(grad_w, sums[0], sums[1]))
+            self._finish(walkable(dy), x, scale, shift, center, grad_x, accumulate, s, sums)
+        return ConvGrads(grad_w, sums[0], sums[1])
+
+    def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                                 need_weight_grad, coef_sums=None):
+        return add_coef_sums(coef_sums, self._conv_backward(grad_out, x, scale, shift, weight, center, grad_x,
+                                                            accumulate, need_weight_grad, padding=0))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad):
-        grad_w = _weight_grad_accumulator(weight, z) if need_weight_grad else None
-        sums = [torch.zeros_like(center), torch.zeros_like(center)]
-        # Both gradients a chunk of images at a time: the conv's input gradient exists for one
-        # chunk beside grad_x, not for the whole batch. (The input gradient needs no activations.)
-        for s in _chunks(z):
-            y = ops.affine_relu(z[s], scale, shift) if need_weight_grad else z[s]
-            dy, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight_grad, False])
-            del y
-            if grad_w is not None:
-                grad_w += gw
-            self._finish(walkable(dy), z, scale, shift, center, grad_x, accumulate, s, sums)
-        return ConvGrads(grad_w, sums[0], sums[1])
+        return self._conv_backward(grad_out, z, scale, shift, weight, center, grad_x, accumulate, need_weight_grad,
+                                   padding=1)
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
         coefficients_first(self, coefs_from)
@@ -150,9 +139,7 @@ class CompositeBackend(Backend):
         for s in _chunks(x):
             y = ops.affine_relu(x[s], scale, shift)
             pooled = F.avg_pool2d(y, 2)
-            d_pooled, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[s], pooled, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [True, need_weight_grad, False])
+            d_pooled, gw = conv_backward(grad_out[s], pooled, weight, 0, need_weight_grad)
             del pooled
             if grad_w is not None:
                 grad_w += gw

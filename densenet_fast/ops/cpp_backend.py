@@ -14,14 +14,7 @@ import torch
 from torch import Tensor
 
 from .extension_ops import built_with_cuda, ops, walkable
-from .interface import (
-    Backend,
-    ConvGrads,
-    StatsOut,
-    Unsupported,
-    add_coef_sums,
-    coefficients_first,
-)
+from .interface import Backend, ConvGrads, StatsOut, Unsupported, add_coef_sums, coefficients_first
 
 __all__ = ["CppBackend", "built_with_cuda"]
 

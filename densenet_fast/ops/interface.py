@@ -183,17 +183,9 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def bn_relu_conv3x3(
-        self,
-        z: Tensor,
-        scale: Tensor,
-        shift: Tensor,
-        weight: Tensor,
-        out: Tensor,
-        noise: Optional[Tensor],
-        with_stats: bool,
-        stats_into: Optional[StatsOut] = None,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def bn_relu_conv3x3(self, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
+                        noise: Optional[Tensor], with_stats: bool, stats_into: Optional[StatsOut] = None
+                        ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Write ``conv3x3(relu(z * scale + shift), weight, padding=1) * noise`` into ``out``.
 
         ``out`` is the layer's channel slice of the feature buffer; ``noise`` is dropout's scaled
@@ -202,37 +194,18 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def bn_relu_conv1x1_backward(
-        self,
-        grad_out: Tensor,
-        x: Tensor,
-        scale: Tensor,
-        shift: Tensor,
-        weight: Tensor,
-        center: Tensor,
-        grad_x: Tensor,
-        accumulate: bool,
-        need_weight_grad: bool,
-        coef_sums: Optional[CoefSums] = None,
-    ) -> ConvGrads:
+    def bn_relu_conv1x1_backward(self, grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                                 center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool,
+                                 coef_sums: Optional[CoefSums] = None) -> ConvGrads:
         """Backward of :meth:`bn_relu_conv1x1` (the ReLU mask is recomputed from ``x``): ``scale * dy``
         into ``grad_x`` (added with ``accumulate``, see the module docstring), the weight gradient
         when ``need_weight_grad``; with ``coef_sums`` it also adds its BN's batch-statistics terms
         there (see :class:`CoefSums`)."""
 
     @abstractmethod
-    def bn_relu_conv3x3_backward(
-        self,
-        grad_out: Tensor,
-        z: Tensor,
-        scale: Tensor,
-        shift: Tensor,
-        weight: Tensor,
-        center: Tensor,
-        grad_x: Tensor,
-        accumulate: bool,
-        need_weight_grad: bool,
-    ) -> ConvGrads:
+    def bn_relu_conv3x3_backward(self, grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                                 center: Tensor, grad_x: Tensor, accumulate: bool, need_weight_grad: bool
+                                 ) -> ConvGrads:
         """Backward of :meth:`bn_relu_conv3x3`; ``grad_out`` already carries dropout's mask.
         ``grad_x``, ``accumulate``: as in :meth:`bn_relu_conv1x1_backward`."""
 
@@ -246,19 +219,9 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def bn_relu_pool_conv1x1_backward(
-        self,
-        grad_out: Tensor,
-        x: Tensor,
-        scale: Tensor,
-        shift: Tensor,
-        weight: Tensor,
-        center: Tensor,
-        grad_x: Tensor,
-        accumulate: bool,
-        need_weight_grad: bool,
-        coef_sums: Optional[CoefSums] = None,
-    ) -> ConvGrads:
+    def bn_relu_pool_conv1x1_backward(self, grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                                      weight: Tensor, center: Tensor, grad_x: Tensor, accumulate: bool,
+                                      need_weight_grad: bool, coef_sums: Optional[CoefSums] = None) -> ConvGrads:
         """Backward of :meth:`bn_relu_pool_conv1x1`; ``grad_x``, ``accumulate`` and ``coef_sums`` as in
         :meth:`bn_relu_conv1x1_backward` (the last row/column of an odd-sized map gets no gradient)."""
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .aten_conv import conv_backward
 from .interface import (
     Backend,
     ConvGrads,
@@ -95,8 +96,7 @@ def _conv1x1_backward(grad_out: Tensor, y: Tensor, weight: Tensor, grad_w: Optio
                 else:  # half-precision activations: the sum over images stays in float32
                     g2d += torch.mm(go_i, y_i.t())
         return torch.matmul(w2d.t(), go).view(y.shape)
-    grad_y, gw, _ = torch.ops.aten.convolution_backward(
-        grad_out, y, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, grad_w is not None, False])
+    grad_y, gw = conv_backward(grad_out, y, weight, 0, grad_w is not None)
     if grad_w is not None:
         grad_w.add_(gw)
     return grad_y
@@ -187,8 +187,7 @@ class TorchBackend(Backend):
         # chunk beside grad_x, not for the whole batch.
         for s in _chunks(z):
             y = affine.relu(z[s])
-            dy, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[s], y, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight_grad, False])
+            dy, gw = conv_backward(grad_out[s], y, weight, 1, need_weight_grad)
             if grad_w is not None:
                 grad_w += gw
             _finish_dy(dy, y, z[s], center, affine.ones, sums)

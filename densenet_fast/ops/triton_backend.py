@@ -71,6 +71,14 @@ def _from(coefs_from: CoefsFrom) -> tuple:
         _vec_or_none(coefs_from.bias), coefs_from.coefs
 
 
+def _backward(launcher, grad_out, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad,
+              *coef_sums) -> ConvGrads:
+    """A backward launcher on the interface's arguments (per-channel vectors made unit-stride)."""
+    grad_w, sum_dy, sum_dy_xc = launcher(grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x,
+                                         accumulate, need_weight_grad, *coef_sums)
+    return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -115,16 +123,13 @@ class TritonBackend(Backend):
 
     def bn_relu_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad, coef_sums=None):
-        grad_w, sum_dy, sum_dy_xc = bn_relu_conv1x1_backward(
-            grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad,
-            _sums(coef_sums))
-        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
+        return _backward(bn_relu_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
+                         need_weight_grad, _sums(coef_sums))
 
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad):
-        grad_w, sum_dy, sum_dy_xc = bn_relu_conv3x3_backward(
-            grad_out, z, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad)
-        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
+        return _backward(bn_relu_conv3x3_backward, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
+                         need_weight_grad)
 
     def bn_relu_pool_conv1x1(self, x, scale, shift, weight, coefs_from=None):
         if coefs_from is not None:
@@ -133,10 +138,8 @@ class TritonBackend(Backend):
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                       need_weight_grad, coef_sums=None):
-        grad_w, sum_dy, sum_dy_xc = bn_relu_pool_conv1x1_backward(
-            grad_out, x, _vec(scale), _vec(shift), weight, _vec(center), grad_x, accumulate, need_weight_grad,
-            _sums(coef_sums))
-        return ConvGrads(grad_w if need_weight_grad else None, sum_dy, sum_dy_xc)
+        return _backward(bn_relu_pool_conv1x1_backward, grad_out, x, scale, shift, weight, center, grad_x,
+                         accumulate, need_weight_grad, _sums(coef_sums))
 
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         fx, fc = (None, None) if factors is None else (_vec(factors[0]), _vec(factors[1]))

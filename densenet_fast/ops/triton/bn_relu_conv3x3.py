@@ -8,6 +8,9 @@ is added to the total (a row mask inside the prologue would serialize Hopper's w
 common.bn_relu). The epilogue multiplies by dropout's scaled mask, stores the k new channels
 straight into their slice of the feature buffer (``out``, any strides that collapse H and W) and
 writes the statistics partials of the stored values.
+
+Its tap loop twins the data job's of bn_relu_conv3x3_backward.py (the transposed convolution reads
+the taps mirrored, -dh and -dw), kept apart as that file's docstring says.
 """
 from __future__ import annotations
 

@@ -12,6 +12,12 @@
   afterwards in float32.
 
 ``grad_out`` may be a strided slice of the block's gradient buffer (no dropout) or a new tensor.
+
+Its kernels twin bn_relu_conv1x1_backward's in shape (the same two jobs, the same epilogue and
+partials), and that is kept on purpose: what the two share without changing their code is in
+common.py and partials.py (pixel_rows, dy_epilogue, split_pixel_tiles, the partial sums); the
+rest differs in the taps' addressing and tile shapes, and each kernel's registers, matrix units
+and spills are guarded on its own (tools/triton_aot.py --resources, tests/test_triton_compile.py).
 """
 from __future__ import annotations
 
