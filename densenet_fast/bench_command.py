@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from .bench import MiB, StepResult, compare_steps, format_table, planned_steps, results_rows
-from .comparison import BASELINE, check_bc_depth, comparison_models, min_image_size
+from .comparison import BASELINE, comparison_models, min_image_size
 from .tools import (
     PROG,
     UsageError,
@@ -29,6 +29,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def validate(args: argparse.Namespace) -> None:
     """Every check of ``densenet-fast bench``'s input, before anything is built or measured; fills in
     ``args.model``, ``args.img_size``, ``args.device``, ``args.backends``, ``args.amp_dtype``."""
+    from .builders import bc_layers_per_block  # torchvision's weight enums: imported when a command runs
+
     err = f"{PROG} bench: error:"
     if args.model and args.depth:
         raise UsageError(f"{err} give a model name or --depth, not both")
@@ -36,7 +38,7 @@ def validate(args: argparse.Namespace) -> None:
     args.img_size = args.img_size or (32 if args.depth else 224)
     for depth in ([args.depth] if args.depth else []) + (args.plot_depths if args.plot else []):
         try:
-            check_bc_depth(depth)
+            bc_layers_per_block(depth)
         except ValueError as e:
             raise UsageError(f"{err} {e}") from None
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),

@@ -102,16 +102,19 @@ def densenet264(*, weights: Optional[DenseNet264_Weights] = None, progress: bool
     return _densenet("densenet264", 32, (6, 12, 64, 48), 64, DenseNet264_Weights, weights, progress, **kwargs)
 
 
+def bc_layers_per_block(depth: int) -> int:
+    """The layers per block of DenseNet-BC of ``depth``, (depth - 4) / 6; ValueError unless depth is 6n + 4."""
+    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth!r}")
+    return (depth - 4) // 6
+
+
 @handle_legacy_interface(weights=("pretrained", None))
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, small_inputs: bool = True, *,
                 weights: Optional[DenseNetBC_Weights] = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-BC of the paper's CIFAR experiments: 3 blocks of (depth - 4) / 6 bottleneck layers,
     compression 0.5, 2k initial features. No pretrained weights exist for it."""
     _verify("densenet_bc", DenseNetBC_Weights, weights)
-    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(
-            f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth!r}"
-        )
-    layers = (depth - 4) // 6
+    layers = bc_layers_per_block(depth)
     return DenseNet(growth_rate, (layers, layers, layers), 2 * growth_rate, num_classes=num_classes,
                     small_inputs=small_inputs, **kwargs)

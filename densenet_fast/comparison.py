@@ -25,18 +25,14 @@ def fast_name(backend: str) -> str:
     return f"densenet_fast[{backend}]"
 
 
-def check_bc_depth(depth: int) -> None:
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1, got {depth}")
-
-
 def torchvision_densenet_bc(depth: int, growth_rate: int = 12, num_classes: int = 10,
                             memory_efficient: bool = False) -> nn.Module:
     """torchvision's DenseNet in the DenseNet-BC CIFAR configuration (3x3 stem, no pooling stem)."""
     import torchvision
 
-    check_bc_depth(depth)
-    n = (depth - 4) // 6
+    from .builders import bc_layers_per_block
+
+    n = bc_layers_per_block(depth)
     model = torchvision.models.DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes,
                                         memory_efficient=memory_efficient)
     model.features.conv0 = nn.Conv2d(3, 2 * growth_rate, kernel_size=3, stride=1, padding=1, bias=False)

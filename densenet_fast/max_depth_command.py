@@ -15,8 +15,15 @@ from .tools import PROG, UsageError, check_backends, check_device, check_output_
 def validate(args: argparse.Namespace) -> None:
     """Every check of ``densenet-fast max-depth``'s input before the fit: the smallest DenseNet-BC must fit the
     budget, by the architecture's floor (instant) and then measured (a fraction of a second per kind)."""
+    from .builders import bc_layers_per_block  # torchvision's weight enums: imported when a command runs
+
     err = f"{PROG} max-depth: error:"
-    if len(set(args.fit_depths)) < 3 or any(d < 10 or (d - 4) % 6 for d in args.fit_depths):
+    try:
+        for d in args.fit_depths:
+            bc_layers_per_block(d)
+    except ValueError:
+        raise UsageError(f"{err} --fit-depths needs at least 3 different depths of the form 6n+4") from None
+    if len(set(args.fit_depths)) < 3:
         raise UsageError(f"{err} --fit-depths needs at least 3 different depths of the form 6n+4")
     # On CPU the step is measured at batch 1 (see _measured_batches): the image size must do for it.
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--img-size", args.img_size, min_image_size(

@@ -249,7 +249,10 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for a tensor laid out channels_last (and not also plain contiguous), else contiguous."""
+    """channels_last for a tensor laid out channels_last (and not also plain contiguous), else contiguous:
+    ATen's rule for a whole tensor (suggest_memory_format, what torchvision's outputs follow). The
+    compiled kernels' rule for views of a buffer, where a channel slice keeps its buffer's layout, is
+    extension_ops.kernel_memory_format."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
