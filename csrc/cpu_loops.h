@@ -12,6 +12,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "bn_relu_math.h"
 #include "checks.h"
@@ -166,6 +167,37 @@ inline Moments<double> row_moments(const scalar_t* __restrict__ row, int64_t len
     m2 += d * d;
   }
   return {static_cast<double>(len), mean, m2};
+}
+
+// Pixels per chunk of a channels_last statistics pass (a chunk's rows stay in cache).
+constexpr int64_t kStatsChunkPixels = 64;
+
+// Merges into out[c] the moments of channel c over rows [q0, q1) of a channels_last walk (row q's
+// `channels` values at row(q)), `chunk` rows at a time: a chunk's means, then its squared
+// deviations (the chunk is in cache), merged with Chan's formula. `sum` and `m2` are the caller's
+// scratch, `channels` doubles each.
+template <typename scalar_t, typename RowOf>
+void add_pixel_rows_moments(const RowOf& row, int64_t q0, int64_t q1, int64_t channels, int64_t chunk,
+                            Moments<double>* out, std::vector<double>& sum, std::vector<double>& m2) {
+  for (int64_t c0 = q0; c0 < q1; c0 += chunk) {
+    const int64_t c1 = std::min(q1, c0 + chunk);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(m2.begin(), m2.end(), 0.0);
+    for (int64_t q = c0; q < c1; ++q) {
+      const scalar_t* __restrict__ r = row(q);
+      for (int64_t c = 0; c < channels; ++c) sum[c] += static_cast<double>(r[c]);
+    }
+    const double count = static_cast<double>(c1 - c0);
+    for (int64_t c = 0; c < channels; ++c) sum[c] /= count;  // now the chunk's mean
+    for (int64_t q = c0; q < c1; ++q) {
+      const scalar_t* __restrict__ r = row(q);
+      for (int64_t c = 0; c < channels; ++c) {
+        double d = static_cast<double>(r[c]) - sum[c];
+        m2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) out[c] = moments_merge(out[c], Moments<double>{count, sum[c], m2[c]});
+  }
 }
 
 }  // namespace cpu

@@ -18,8 +18,6 @@ namespace {
 
 // Rows of at least this many elements per parallel task.
 constexpr int64_t kGrainElements = 1 << 15;
-// Pixels per chunk of a channels_last statistics pass (a chunk's rows stay in cache).
-constexpr int64_t kStatsChunkPixels = 64;
 
 template <typename scalar_t>
 std::vector<Moments<double>> channel_moments_impl(const Tensor& x) {
@@ -48,25 +46,8 @@ std::vector<Moments<double>> channel_moments_impl(const Tensor& x) {
   for_each_slot(total, slots, [&](int64_t s, int64_t begin, int64_t end) {
     std::vector<double> sum(l.channels), m2(l.channels);
     Moments<double>* out = partial.data() + s * l.channels;
-    for (int64_t q0 = begin; q0 < end; q0 += kStatsChunkPixels) {
-      const int64_t q1 = std::min(end, q0 + kStatsChunkPixels);
-      std::fill(sum.begin(), sum.end(), 0.0);
-      std::fill(m2.begin(), m2.end(), 0.0);
-      for (int64_t q = q0; q < q1; ++q) {
-        const scalar_t* row = data + row_offset(l, true, q / l.pixels, q % l.pixels);
-        for (int64_t c = 0; c < l.channels; ++c) sum[c] += static_cast<double>(row[c]);
-      }
-      const double count = static_cast<double>(q1 - q0);
-      for (int64_t c = 0; c < l.channels; ++c) sum[c] /= count;  // now the chunk's mean
-      for (int64_t q = q0; q < q1; ++q) {
-        const scalar_t* row = data + row_offset(l, true, q / l.pixels, q % l.pixels);
-        for (int64_t c = 0; c < l.channels; ++c) {
-          double d = static_cast<double>(row[c]) - sum[c];
-          m2[c] += d * d;
-        }
-      }
-      for (int64_t c = 0; c < l.channels; ++c) out[c] = moments_merge(out[c], Moments<double>{count, sum[c], m2[c]});
-    }
+    auto row = [&](int64_t q) { return data + row_offset(l, true, q / l.pixels, q % l.pixels); };
+    add_pixel_rows_moments<scalar_t>(row, begin, end, l.channels, kStatsChunkPixels, out, sum, m2);
   });
   for (int64_t s = 0; s < slots; ++s) {
     for (int64_t c = 0; c < l.channels; ++c) result[c] = moments_merge(result[c], partial[s * l.channels + c]);

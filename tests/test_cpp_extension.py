@@ -262,6 +262,10 @@ def test_fake_implementations_match_the_kernels():
         (ops.bn_relu_backward, (torch.randn(2, 7, 6, 5), x, scale, shift, center, torch.empty_like(x), False)),
         (ops.bn_relu_conv1x1, (x, scale, shift, w1, True)),
         (ops.bn_relu_conv1x1, (x, scale, shift, w1, False)),
+        # 64 outputs: a channels_last bottleneck in float32, NCHW in float64 (bottleneck_format).
+        (ops.bn_relu_conv1x1, (x, scale, shift, weight(64, 7, 1, torch.float32, seed=94), True)),
+        (ops.bn_relu_conv1x1, (x.double(), scale.double(), shift.double(), weight(64, 7, 1, torch.float64, seed=94),
+                               True)),
         (ops.bn_relu_conv1x1_backward, (grad, x, scale, shift, w1, center, torch.empty_like(x), False, True)),
         (ops.bn_relu_conv1x1_backward, (grad, x, scale, shift, w1, center, torch.randn_like(x), True, False)),
         (ops.bn_relu_conv3x3_backward, (torch.randn(2, 3, 6, 5), z, scale[:4], shift[:4], w3, center[:4],

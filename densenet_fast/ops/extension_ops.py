@@ -91,9 +91,16 @@ def _write_stats_fake(stats, mean, var, count, eps, weight, bias, coefs):
     return None
 
 
+# csrc/fused_cpu.cpp's bottleneck_format: z is channels_last for float32 with at least this many
+# output channels (kOneDnnMinOutChannels there, where oneDNN runs the GEMMs), else NCHW.
+_CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS = 64
+
+
 @torch.library.register_fake("densenet_fast::bn_relu_conv1x1")
 def _bn_relu_conv1x1_fake(x, scale, shift, weight, with_stats):
-    z = x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+    channels_last = x.dtype == torch.float32 and weight.shape[0] >= _CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS
+    z = torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if not with_stats:
         return z, _nothing(x), _nothing(x)
     return z, *_stats_pair(z)

@@ -174,7 +174,8 @@ class Backend(ABC):
         stats_into: Optional[StatsOut] = None,
         coefs_from: Optional[CoefsFrom] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """``conv1x1(relu(x * scale + shift), weight)``: the bottleneck, a new contiguous tensor.
+        """``conv1x1(relu(x * scale + shift), weight)``: the bottleneck, a new tensor, NCHW or
+        channels_last (the backend's choice: the layout its own conv3x3 ops read best).
 
         With ``with_stats`` also returns the bottleneck's per-channel mean and biased variance,
         else ``(z, None, None)``; with ``stats_into`` (and ``with_stats``) writes them there
