@@ -110,8 +110,7 @@ def test_weight_gradient_of_small_maps(case, shape, layout, accumulate):
 @pytest.mark.parametrize("case, shape", op_cases("op", [(3, 8, 4, 300, 300, 0)], dtypes=(torch.float64,),
                                                  backends=("torch", "cpp", "composite")))
 def test_backward_over_several_chunks(case, shape, need_weight_grad):
-    """A batch over one chunk of normalized activations (2M elements): the cpp CPU op computes the
-    input gradient whole and the weight gradient chunk by chunk (within one chunk both come from one
-    call); the torch and composite backends walk chunks of images."""
+    """A batch over several chunks of images: the cpp CPU op takes both gradients a chunk at a time
+    (1M elements: one 720K-element image here), as the torch and composite backends do theirs."""
     inputs = backward_inputs(case, shape, "nchw", 3, True, seed=95)
     check_backward(case, "bn_relu_conv3x3_backward", inputs, True, need_weight_grad)
