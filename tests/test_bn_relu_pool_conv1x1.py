@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from densenet_fast.ops.interface import CoefsFrom, CoefSums
-from helpers import LAYOUTS, bn_vectors, check_op, conv_weight, op_cases, op_tensor, seeded
-from test_bn_relu_conv1x1 import MODES, backward_inputs, bn_affine_parameters, check_backward
+from helpers import LAYOUTS, check_op, op_cases, seeded
+from test_bn_relu_conv1x1 import MODES, backward_inputs, bn_affine_parameters, check_backward, forward_inputs
 
 # (N, C_in, C_out, H, W, channel offset of the views): batch 1, odd sizes, a 2 x 3 map, several K
 # and output tiles (70 > 32 input channels).
@@ -16,17 +16,10 @@ SHAPES = [(1, 13, 7, 7, 5, 3), (3, 37, 7, 9, 11, 3), (2, 10, 7, 8, 6, 3), (1, 13
           (2, 70, 35, 17, 18, 0)]
 
 
-def forward_inputs(case, shape, layout, seed=40):
-    n, c_in, c_out, h, w, offset = shape
-    x = op_tensor((n, c_in, h, w), case, layout, seed, offset=offset)
-    scale, shift, center = bn_vectors(c_in, case, seed + 1)
-    return x, scale, shift, center, conv_weight(c_out, c_in, 1, case, seed + 2)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case, shape", op_cases("op", SHAPES))
 def test_bn_relu_pool_conv1x1(case, shape, layout):
-    x, scale, shift, _, weight = forward_inputs(case, shape, layout)
+    x, scale, shift, _, weight = forward_inputs(case, shape, layout, seed=40)
     check_op(case, "bn_relu_pool_conv1x1", x, scale, shift, weight)
 
 
