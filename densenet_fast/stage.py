@@ -164,7 +164,11 @@ def _(x, params, running, ints, floats, for_backward, backend, name):
         return out, empty, packed, [], [], []
     buf = x.new_empty(buf_shape).contiguous(memory_format=fmt) if (spec.num_layers and spec.has_transition) else empty
     masks = [x.new_empty((n, spec.growth_rate, h, w), dtype=torch.bool) for p in spec.drop_rates if p > 0]
-    bottlenecks = [] if spec.memory_efficient else [x.new_empty((n, b, h, w)) for b in spec.bottlenecks]
+    # The kept bottlenecks have the backend's layout (the cpp backend's are channels_last in float32).
+    z_format = backend_named(backend).bottleneck_memory_format
+    bottlenecks = [] if spec.memory_efficient else [
+        torch.empty((n, b, h, w), dtype=x.dtype, device=x.device, memory_format=z_format(x.dtype, b))
+        for b in spec.bottlenecks]
     weights = [torch.empty_like(p, dtype=x.dtype) for p in params if p.dim() == 4] \
         if _casts_weights(params, x.dtype) else []
     return out, buf, packed, masks, bottlenecks, weights

@@ -8,12 +8,13 @@ import torch._dynamo
 import densenet_fast
 
 
-def _compiled_trains_like_eager(**compile_kwargs):
+def _compiled_trains_like_eager(model_kwargs=None, **compile_kwargs):
     """Three training steps of the compiled model beside an eager deep copy: outputs, every
     parameter grad (accumulated over the steps) and every buffer (running stats) equal, no recompiles."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = densenet_fast.DenseNet(4, (2, 2), 8, num_classes=3, small_inputs=True)
+    eager = densenet_fast.DenseNet(**(model_kwargs or dict(growth_rate=4, block_config=(2, 2), num_init_features=8)),
+                                   num_classes=3, small_inputs=True)
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -33,6 +34,20 @@ def _compiled_trains_like_eager(**compile_kwargs):
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiled_model_trains_like_eager(compile_backend):
     _compiled_trains_like_eager(backend=compile_backend)
+
+
+@pytest.mark.slow
+def test_compiled_model_keeping_its_bottlenecks_trains_like_eager():
+    """memory_efficient=False returns the kept bottlenecks from the stage op: Inductor checks their
+    strides against the stage's fake, which states the backend's layout (the cpp backend's 64-channel
+    float32 bottlenecks are channels_last). Inductor's on-disk caches are off for it: their keys do
+    not cover a custom op's fake, so a graph cached under other fake strides would stand in."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        _compiled_trains_like_eager(dict(growth_rate=16, block_config=(2,), num_init_features=8, bn_size=4,
+                                         memory_efficient=False), backend="inductor")
 
 
 @pytest.mark.slow

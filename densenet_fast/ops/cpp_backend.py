@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .extension_ops import built_with_cuda, ops, walkable
+from .extension_ops import bottleneck_memory_format, built_with_cuda, ops, walkable
 from .interface import Backend, ConvGrads, StatsOut, Unsupported, add_coef_sums, coefficients_first
 
 __all__ = ["CppBackend", "built_with_cuda"]
@@ -50,6 +50,9 @@ class CppBackend(Backend):
         ops.write_stats(s.stats, mean, var, produced.numel() // max(1, produced.shape[1]), s.eps, s.weight, s.bias,
                         s.coefs)
         return None, None
+
+    def bottleneck_memory_format(self, dtype, channels):
+        return bottleneck_memory_format(dtype, channels)
 
     def bn_coefficients(self, mean, invstd, weight, bias, coefs):
         ops.bn_coefficients(mean, invstd, weight, bias, coefs)

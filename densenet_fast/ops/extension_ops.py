@@ -96,11 +96,17 @@ def _write_stats_fake(stats, mean, var, count, eps, weight, bias, coefs):
 _CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS = 64
 
 
+def bottleneck_memory_format(dtype: torch.dtype, channels: int) -> torch.memory_format:
+    """The layout of the fused conv1x1's output (csrc's bottleneck_format), for its fake and the stage's."""
+    if dtype == torch.float32 and channels >= _CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("densenet_fast::bn_relu_conv1x1")
 def _bn_relu_conv1x1_fake(x, scale, shift, weight, with_stats):
-    channels_last = x.dtype == torch.float32 and weight.shape[0] >= _CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS
     z = torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                    memory_format=bottleneck_memory_format(x.dtype, weight.shape[0]))
     if not with_stats:
         return z, _nothing(x), _nothing(x)
     return z, *_stats_pair(z)

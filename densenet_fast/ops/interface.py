@@ -237,6 +237,13 @@ class Backend(ABC):
         times its reductions, see stage_algorithm's docstring).
         """
 
+    def bottleneck_memory_format(self, dtype: torch.dtype, channels: int) -> torch.memory_format:
+        """The layout of the bottlenecks :meth:`bn_relu_conv1x1` returns for activations of ``dtype``
+        and ``channels`` outputs: a rule of those alone, which the stage's fake implementation states
+        for the bottlenecks it keeps (torch.compile checks the strides). NCHW unless a backend says
+        otherwise."""
+        return torch.contiguous_format
+
     def bn_coefficients(self, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         coefs: Tensor) -> None:
         """A BN's coefficients into the (2, C) ``coefs``: see :func:`write_coefficients`, which
