@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .aten_conv import conv_backward
+from .aten_conv import conv_backward, weight_grad_accumulator
 from .extension_ops import built_with_cuda, kernel_memory_format, ops, walkable
-from .interface import Backend, ConvGrads, Unsupported, add_coef_sums, coefficients_first, stats_dtype, stats_result
+from .interface import Backend, ConvGrads, Unsupported, add_coef_sums, coefficients_first, stats_result
 
 # The normalized activations are recomputed a chunk of images at a time: up to a quarter of the
 # tensor the input belongs to (for a prefix, the block's feature buffer), and at least
@@ -40,11 +40,6 @@ def _chunks(x: Tensor) -> Iterator[slice]:
     step = max(1, max(_MIN_CHUNK_ELEMENTS, whole // _CHUNK_SHARE) // per_image)
     for start in range(0, x.shape[0], step):
         yield slice(start, min(start + step, x.shape[0]))
-
-
-def _weight_grad_accumulator(weight: Tensor, x: Tensor) -> Tensor:
-    # Summed over chunks of images in the statistics dtype (half precision rounds once), contiguous.
-    return torch.zeros(weight.shape, dtype=stats_dtype(x.dtype), device=weight.device)
 
 
 class CompositeBackend(Backend):
@@ -102,7 +97,7 @@ class CompositeBackend(Backend):
         """Both 1x1 and 3x3 convs' backward, a chunk of images at a time: the conv's input gradient
         exists for one chunk beside grad_x, not for the whole batch; the activations are recomputed
         only for the weight gradient (the input gradient needs none)."""
-        grad_w = _weight_grad_accumulator(weight, x) if need_weight_grad else None
+        grad_w = weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         for s in _chunks(x):
             y = ops.affine_relu(x[s], scale, shift) if need_weight_grad else x[s]
@@ -134,7 +129,7 @@ class CompositeBackend(Backend):
 
     def bn_relu_pool_conv1x1_backward(self, grad_out, x, scale, shift, weight, center, grad_x, accumulate,
                                       need_weight_grad, coef_sums=None):
-        grad_w = _weight_grad_accumulator(weight, x) if need_weight_grad else None
+        grad_w = weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         for s in _chunks(x):
             y = ops.affine_relu(x[s], scale, shift)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .aten_conv import conv_backward
+from .aten_conv import conv_backward, weight_grad_accumulator
 from .interface import (
     Backend,
     ConvGrads,
@@ -68,12 +68,6 @@ class _Affine:
 def _as_matrices(t: Tensor) -> Tensor:
     """(n, c, h, w) -> (n, c, h*w) view; the caller guarantees contiguity."""
     return t.view(t.shape[0], t.shape[1], -1)
-
-
-def _weight_grad_accumulator(weight: Tensor) -> Tensor:
-    # Accumulated over chunks of images: in the statistics dtype, so half precision rounds once;
-    # contiguous (the interface's ConvGrads).
-    return torch.zeros(weight.shape, dtype=stats_dtype(weight.dtype), device=weight.device)
 
 
 def _conv1x1(y: Tensor, weight: Tensor, out: Tensor) -> None:
@@ -160,7 +154,7 @@ class TorchBackend(Backend):
     def _prologue_backward(self, x, scale, shift, weight, center, grad_x, accumulate, need_weight_grad, dy_of):
         """Shared by the 1x1 convs: ``dy_of(grad_out_chunk, y, grad_w)`` gives the chunk's BN-output grad."""
         affine = _Affine(scale, shift, x.dtype)
-        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
+        grad_w = weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         for s in _chunks(x):
             y = affine.relu(x[s])
@@ -181,7 +175,7 @@ class TorchBackend(Backend):
     def bn_relu_conv3x3_backward(self, grad_out, z, scale, shift, weight, center, grad_x, accumulate,
                                  need_weight_grad):
         affine = _Affine(scale, shift, z.dtype)
-        grad_w = _weight_grad_accumulator(weight) if need_weight_grad else None
+        grad_w = weight_grad_accumulator(weight) if need_weight_grad else None
         sums = [torch.zeros_like(center), torch.zeros_like(center)]
         # Both gradients a chunk of images at a time: the conv's input gradient exists for one
         # chunk beside grad_x, not for the whole batch.
