@@ -113,8 +113,15 @@ def test_dropout_with_the_same_seed():
     assert_same_step(fast_result, step(ref, x, 13))
 
 
-def test_float32_step_close_to_reference():
-    fast, ref = model_pair(seed=17)
+# 64-channel bottlenecks: the cpp backend's float32 bottlenecks are channels_last from 64 channels
+# (csrc's bottleneck_format), recomputed or kept (memory_efficient=False).
+WIDE_BOTTLENECKS = dict(growth_rate=16, bn_size=4)
+
+
+@pytest.mark.parametrize("config", [{}, WIDE_BOTTLENECKS, {**WIDE_BOTTLENECKS, "memory_efficient": False}],
+                         ids=["small", "wide_bottlenecks", "wide_bottlenecks_kept"])
+def test_float32_step_close_to_reference(config):
+    fast, ref = model_pair(seed=17, **config)
     fast, ref = fast.float(), ref.float()
     x = input_batch((2, 3, 37, 35), seed=18).float()
     out, grad_x, grads, buffers = step(fast, x, 19)
@@ -123,6 +130,8 @@ def test_float32_step_close_to_reference():
     torch.testing.assert_close(grad_x, r_grad_x, atol=1e-4, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], r_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], r_buffers[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("train", [True, False])
