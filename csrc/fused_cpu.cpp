@@ -79,17 +79,19 @@ struct Tiles {
 // Tiles of about kTileElements, but at least kMinTilePixels pixels wide: narrower GEMMs (deep
 // layers have ~1000 channels) lose more to packing than the smaller buffer saves. Images smaller
 // than that are grouped: all of them into one tile where they fit, else a tile for each thread.
+// An empty batch, or images of no unit, give no tile.
 Tiles make_tiles(int64_t units, int64_t elements_per_unit, int64_t pixels_per_unit, int64_t batch) {
+  if (units == 0 || batch == 0 || pixels_per_unit == 0) return {units, 1, 1, 0};
   const int64_t min_units = (kMinTilePixels + pixels_per_unit - 1) / pixels_per_unit;
   const int64_t per_tile =
       std::max<int64_t>(min_units, kTileElements / std::max<int64_t>(1, elements_per_unit));
   const int64_t per_image = std::max<int64_t>(1, (units + per_tile - 1) / per_tile);
   int64_t images = 1;
-  if (per_image == 1 && units > 0 && units * batch <= per_tile) {
+  if (per_image == 1 && units * batch <= per_tile) {
     // The whole batch fits one tile: one GEMM, run on all threads (outside any slot). Split
     // into a tile per thread, each GEMM would read the whole weight for a few columns.
     images = batch;
-  } else if (per_image == 1 && units > 0 && batch > 1) {
+  } else if (per_image == 1 && batch > 1) {
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     images = std::max<int64_t>(1, std::min(per_tile / units, (batch + threads - 1) / threads));
   }
@@ -753,8 +755,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const Tensor& gx = grad_x;
   const ActivationLayout lg = activation_layout(gx, "grad_x");
   const int64_t out_height = x.size(2) / 2, out_width = x.size(3) / 2, out_channels = weight.size(0);
-  // No output row: no tile walks the input, whose gradient is 0 (every element is written).
-  if (out_height == 0 && !accumulate) gx.zero_();
   const Tensor w2d = weight.reshape({out_channels, lx.channels});
   // avg_pool2d's backward divides by 4: folded into the weight (exact, a power of two).
   const Tensor w_quarter_t = w2d.t().contiguous().mul_(0.25);

@@ -236,9 +236,16 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv3x3_backward_op(
                                       plain(grad_x), accumulate, need_weight_grad);
 }
 
+// A 2x2 average pool needs a 2x2 window (torch's avg_pool2d refuses smaller maps too).
+void check_pooled_map(const Tensor& x) {
+  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "densenet_fast: expected 'x' of at least 2x2 pixels for the ",
+              "transition's 2x2 average pooling, got ", x.size(2), "x", x.size(3));
+}
+
 Tensor bn_relu_pool_conv1x1_op(const Tensor& x, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
   NestedAtenCalls guard;
   check_layer_args(x, scale, shift, weight, 1);
+  check_pooled_map(x);
   return bn_relu_pool_conv1x1_cpu(plain(x), plain(scale), plain(shift), plain(weight));
 }
 
@@ -247,6 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_op(
     const Tensor& center, const Tensor& grad_x, bool accumulate, bool need_weight_grad) {
   NestedAtenCalls guard;
   check_backward_args(grad_out, x, scale, shift, weight, center, grad_x, 1, true);
+  check_pooled_map(x);
   return bn_relu_pool_conv1x1_backward_cpu(plain(grad_out), plain(x), plain(scale), plain(shift), plain(weight),
                                            plain(center), plain(grad_x), accumulate, need_weight_grad);
 }

@@ -486,3 +486,40 @@ def test_composite_chunks_are_few_and_exact(monkeypatch):
             assert_close(actual, want, 1e-12, 1e-12)
 
 
+
+
+@pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "pool"])
+def test_empty_batch(kind):
+    """The fused CPU ops on a batch of no image: an empty output and zero weight gradient and
+    reductions, as the reference gives (they divided by zero in their tiling before: SIGFPE)."""
+    shape = (0, 13, 6, 5)
+    x = buffer_slice(shape, torch.float64, "nchw", seed=84)
+    scale, shift, _ = channel_vectors(shape[1], torch.float64, seed=85)
+    w = weight(7, shape[1], 3 if kind == "conv3x3" else 1, torch.float64, seed=86)
+    if kind == "pool":
+        out = CppBackend().bn_relu_pool_conv1x1(x, scale, shift, w)
+        assert out.shape == (0, 7, 3, 2)
+    elif kind == "conv1x1":
+        z, _, _ = CppBackend().bn_relu_conv1x1(x, scale, shift, w, False)
+        assert z.shape == (0, 7, 6, 5)
+    for accumulate in (False, True):
+        assert_backward_close(*run_backward(CppBackend(), kind, torch.float64, "nchw", shape, accumulate, seed=87,
+                                            out_channels=7), 1e-10, 1e-9)
+
+
+@pytest.mark.parametrize("hw", [(5, 1), (1, 4)])
+def test_pooling_refuses_maps_under_2x2(hw):
+    """A 2x2 average pool of a map 1 pixel wide or high has no window: the pooling ops refuse it,
+    as torch's avg_pool2d does (the backward divided by zero before: SIGFPE)."""
+    shape = (2, 9) + hw
+    x = buffer_slice(shape, torch.float64, "nchw", seed=88)
+    scale, shift, center = channel_vectors(shape[1], torch.float64, seed=89)
+    w = weight(4, shape[1], 1, torch.float64, seed=90)
+    grad_out = torch.ones((2, 4, hw[0] // 2, hw[1] // 2), dtype=torch.float64)
+    expected = rf"at least 2x2 pixels .* got {hw[0]}x{hw[1]}"
+    with pytest.raises(RuntimeError, match=expected):
+        ops.bn_relu_pool_conv1x1(x, scale, shift, w)
+    with pytest.raises(RuntimeError, match=expected):
+        ops.bn_relu_pool_conv1x1_backward(grad_out, x, scale, shift, w, center, torch.empty_like(x), False, True)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        reference.bn_relu_pool_conv1x1(x, scale, shift, w)
