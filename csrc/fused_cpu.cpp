@@ -3,11 +3,11 @@
 // A tile is a run of pixels of one image, or several whole images where an image is smaller
 // than a tile (the small maps of late blocks: one GEMM over 4 images of 2x2 pixels runs about 9x
 // faster than four 4-column ones). Its normalized activations relu(x * scale + shift) are
-// written into a per-thread buffer of about kTileElements and multiplied through at::mm (in
-// float32 parallel slots, oneDNN's 1x1 convolution: see onednn_gemms),
-// so the only transient the size of the input is one tile per thread. Tiles are split into
-// one contiguous slot per thread; each slot keeps its partial sums (and weight gradient) and
-// the slots are merged in order, so results don't depend on scheduling. ATen's GEMM runs
+// written into a per-thread buffer of about kTileElements and multiplied through at::mm (MKL's
+// GEMM; see below bottleneck_format why not oneDNN's), so the only transient the size of the
+// input is one tile per thread. Tiles are split into one contiguous slot per thread; each slot
+// keeps its partial sums (and weight gradient) and the slots are merged in order, so results
+// don't depend on scheduling. ATen's GEMM runs
 // single-threaded inside the slots (MKL/OpenBLAS don't nest inside an OpenMP region), and on
 // all threads where a whole small batch is one tile (one slot, run by the caller).
 #include <ATen/Dispatch.h>
@@ -134,47 +134,28 @@ void mm_into_tile(const Tensor& t, const ActivationLayout& l, int64_t n, int64_t
   images_of(t, l, n, count).copy_(product.view({a.size(0), count, l.pixels}).permute({1, 0, 2}));
 }
 
-// The float32 GEMMs of parallel slots run through oneDNN, as torchvision's convolutions do,
-// where PyTorch has it: a 1x1 convolution of a pixel-major tile (one image of `length` pixels,
-// channels_last) is a GEMM. On the 2-core AMD development machine, a thread per slot, against
-// at::mm (MKL): the forward op of DenseNet-121's 224x224 blocks ran 1.1-1.6x faster and the
-// input gradient's GEMM 1.2-1.9x (whole fused stages 5-10%, interleaved in one process); the
-// weight gradient's was about even, so it stays with MKL. Not for a single slot (a small batch
-// in one tile): its MKL GEMM runs on all threads and was faster there than oneDNN, whose fixed
-// cost per call dominates small GEMMs. Nor for convolutions with fewer output channels than
-// kOneDnnMinOutChannels (DenseNet-BC k=12's 48-channel bottlenecks): their GEMMs ran about even,
-// and a DenseNet-BC-100 step with them through oneDNN 1.09x slower (one interleaved run).
-constexpr int64_t kOneDnnMinOutChannels = 64;
-bool onednn_gemms(const Tensor& x, int64_t slots, int64_t out_channels) {
-  return slots > 1 && out_channels >= kOneDnnMinOutChannels && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn();
-}
+// The bottleneck's layout changes from this many output channels on (bottleneck_format).
+constexpr int64_t kChannelsLastMinOutChannels = 64;
 
-// The layout of a fused conv1x1's output, the bottleneck z: channels_last where its GEMMs are of
-// oneDNN's kind (float32, at least kOneDnnMinOutChannels outputs). oneDNN's pixel-major product is
-// then copied into z without a transpose, the 3x3 convolution that reads z runs channels_last in
+// The layout of a fused conv1x1's output, the bottleneck z: channels_last in float32 from
+// kChannelsLastMinOutChannels outputs. The 3x3 convolution that reads z then runs channels_last in
 // oneDNN (DenseNet-121's, forward and backward at batch 8: 1.1x and 1.4x faster at 56x56 than NCHW,
-// 1.3x and 2.8x at 28x28), and the conv1x1 backward's tiles of grad_z come pixel-major. A rule of
-// dtype and channels only, so the fake implementation (densenet_fast/ops/extension_ops.py) states
-// the same strides whatever the thread count or oneDNN's availability.
+// 1.3x and 2.8x at 28x28); the tiles' GEMMs write it as the transposed product, and the conv1x1
+// backward's tiles of grad_z come pixel-major. (DenseNet-BC k=12's 48-channel bottlenecks stay
+// NCHW, as measured when the rule was made.) A rule of dtype and channels only, so the fake
+// implementation (densenet_fast/ops/extension_ops.py) states the same strides whatever the thread
+// count.
 at::MemoryFormat bottleneck_format(at::ScalarType dtype, int64_t out_channels) {
-  return dtype == at::kFloat && out_channels >= kOneDnnMinOutChannels ? at::MemoryFormat::ChannelsLast
-                                                                       : at::MemoryFormat::Contiguous;
+  return dtype == at::kFloat && out_channels >= kChannelsLastMinOutChannels ? at::MemoryFormat::ChannelsLast
+                                                                            : at::MemoryFormat::Contiguous;
 }
 
-// conv1x1 of a (length, C) pixel-major tile: the (length, out_channels) pixel-major product.
-Tensor onednn_conv1x1(const Tensor& tile, const Tensor& weight) {
-  const int64_t length = tile.size(0), channels = tile.size(1);
-  Tensor image = tile.view({1, 1, length, channels}).permute({0, 3, 1, 2});  // 1 x C x 1 x length, channels_last
-  Tensor out = at::mkldnn_convolution(image, weight, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
-  return out.permute({0, 2, 3, 1}).reshape({length, weight.size(0)});
-}
-
-// The input gradient of a tile, out (C x length) = W^T @ go, through oneDNN: the 1x1
-// convolution of go's pixel-major transpose with `weight_t`, W^T as (C, Co, 1, 1).
-void onednn_grad_input(const Tensor& out, const Tensor& weight_t, const Tensor& go) {
-  out.copy_(onednn_conv1x1(go.t().contiguous(), weight_t).t());
-}
+// The tiles' GEMMs are MKL's (at::mm), also in float32 parallel slots. Until 2026-12-03 those ran
+// through oneDNN's 1x1 convolution of a pixel-major tile (then measured 1.1-1.9x faster than MKL
+// with NCHW bottlenecks). Once z was channels_last, MKL's transposed product lands in z with no
+// copy and an NCHW tile needs no transposing fill: DenseNet-121 at 224x224, batch 8, steps ran
+// 0.90x against oneDNN's 1.01x torchvision's (medians of 7 interleaved steps in one process; the
+// blocks 4-20% faster, blocks 3 and 4 the most), and 0.90x to 1.00x per block at 32x32, batch 64.
 
 // NCHW maps of at most this many pixels are walked pixel-major in the conv1x1 ops' tiles (the
 // normalized activations and the input gradient's product): walked as NCHW, a tile of a batch of
@@ -185,7 +166,7 @@ bool pixel_major_tiles(const ActivationLayout& l) { return !l.channels_inner() &
 
 // A thread's tile of normalized activations, C x length, laid out like the input walks
 // (rows of pixels per channel for NCHW, rows of channels per pixel for channels_last), or
-// pixel-major whatever the input (channels_inner) for oneDNN's GEMMs.
+// pixel-major whatever the input (channels_inner; small NCHW maps, see pixel_major_tiles).
 struct TileBuffer {
   Tensor storage;
   bool channels_inner;
@@ -526,23 +507,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_cpu(const Tensor& x, const Te
   // Per-tile moments of the output channels, merged in tile order.
   std::vector<Moments<double>> tile_moments(with_stats ? num_tiles * out_channels : 0, Moments<double>{0, 0, 0});
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots, out_channels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     for_each_slot(num_tiles, slots, [&](int64_t, int64_t begin, int64_t end) {
-      TileBuffer buf(x, lx.channels_inner() || onednn || pixel_major_tiles(lx), lx.channels, tiles.max_length());
+      TileBuffer buf(x, lx.channels_inner() || pixel_major_tiles(lx), lx.channels, tiles.max_length());
       std::vector<double> sum(with_stats ? out_channels : 0), m2(with_stats ? out_channels : 0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = tiles.first_image(t), images = tiles.image_count(t);
         const int64_t p0 = tiles.begin(t), length = tiles.end(t) - p0;
         for (int64_t i = 0; i < images; ++i) fill_tile<scalar_t>(buf, x, lx, n + i, p0, length, scale, shift, i * length);
-        if (onednn) {
-          Tensor product = onednn_conv1x1(buf.storage.narrow(0, 0, images * length), weight);
-          for (int64_t i = 0; i < images; ++i) {
-            image_matrix(z, lz, n + i).narrow(1, p0, length).copy_(product.narrow(0, i * length, length).t());
-          }
-        } else {
-          mm_into_tile(z, lz, n, images, p0, length, w2d, buf.matrix(images * length));
-        }
+        mm_into_tile(z, lz, n, images, p0, length, w2d, buf.matrix(images * length));
         if (with_stats && lz.channels_inner()) {
           const scalar_t* zd = z.const_data_ptr<scalar_t>();
           auto row = [&](int64_t q) { return zd + row_offset(lz, true, n + q / length, p0 + q % length); };
@@ -582,8 +555,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(lx.pixels, lx.channels, 1, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots, out_channels);
-  const Tensor w_t = onednn ? w2d_t.contiguous().view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_cpu", [&] {
@@ -603,11 +574,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_conv1x1_backward_cpu(
           }
           add_matmul(weight_grads[s], go, act->matrix(images * length).t());
         }
-        if (onednn) {
-          onednn_grad_input(dy.matrix(images * length), w_t, go);
-        } else {
-          tile_mm_out(dy.matrix(images * length), w2d_t, go);
-        }
+        tile_mm_out(dy.matrix(images * length), w2d_t, go);
         for (int64_t i = 0; i < images; ++i) {
           if (accumulate) {
             backward_tile<true, scalar_t>(dy, x, lx, gx, lg, n + i, p0, length, scale, shift, center, slot_sums,
@@ -761,8 +728,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
   const Tiles tiles = make_tiles(out_height, lx.channels * out_width, out_width, lx.batch);
   const int64_t num_tiles = tiles.count();
   const int64_t slots = slot_count(num_tiles, 1);
-  const bool onednn = onednn_gemms(x, slots, out_channels);
-  const Tensor wq_t = onednn ? w_quarter_t.view({lx.channels, out_channels, 1, 1}) : Tensor();
   SlotSums sums(slots, lx.channels);
   std::vector<Tensor> weight_grads(slots);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_conv1x1_backward_cpu", [&] {
@@ -784,11 +749,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_conv1x1_backward_cpu(
           }
           add_matmul(weight_grads[s], go, act->matrix(images * length).t());
         }
-        if (onednn) {
-          onednn_grad_input(dpool.matrix(images * length), wq_t, go);
-        } else {
-          tile_mm_out(dpool.matrix(images * length), w_quarter_t, go);
-        }
+        tile_mm_out(dpool.matrix(images * length), w_quarter_t, go);
         for (int64_t i = 0; i < images; ++i) {
           if (accumulate) {
             pooled_backward_tile<true, scalar_t>(dpool, scratch, x, lx, gx, lg, n + i, r0, r1, scale, shift, center,

@@ -399,10 +399,9 @@ def test_cuda_kernels_past_32bit_offsets(layout):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_many_tiles_float32(threads, layout):
-    """float32 over several tiles per image, in one slot or in a slot per thread (at 2 threads,
-    with 64 output channels or more, the slots' forward and input-gradient GEMMs run through
-    oneDNN where PyTorch has it): the conv1x1 forward, and the conv1x1 and pooling backwards, with
-    10 and 72 output channels, against float64."""
+    """float32 over several tiles per image, in one slot or in a slot per thread: the conv1x1
+    forward, and the conv1x1 and pooling backwards, with 10 and 72 output channels (from 64 the
+    bottleneck z is channels_last, written as the GEMM's transposed product), against float64."""
     atol, rtol = 1e-4, 1e-4
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -92,7 +92,7 @@ def _write_stats_fake(stats, mean, var, count, eps, weight, bias, coefs):
 
 
 # csrc/fused_cpu.cpp's bottleneck_format: z is channels_last for float32 with at least this many
-# output channels (kOneDnnMinOutChannels there, where oneDNN runs the GEMMs), else NCHW.
+# output channels (kChannelsLastMinOutChannels there), else NCHW.
 _CHANNELS_LAST_BOTTLENECK_MIN_CHANNELS = 64
 
 
