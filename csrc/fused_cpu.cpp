@@ -3,13 +3,13 @@
 // A tile is a run of pixels of one image, or several whole images where an image is smaller
 // than a tile (the small maps of late blocks: one GEMM over 4 images of 2x2 pixels runs about 9x
 // faster than four 4-column ones). Its normalized activations relu(x * scale + shift) are
-// written into a per-thread buffer of about kTileElements and multiplied through at::mm (MKL's
-// GEMM; see below bottleneck_format why not oneDNN's), so the only transient the size of the
-// input is one tile per thread. Tiles are split into one contiguous slot per thread; each slot
-// keeps its partial sums (and weight gradient) and the slots are merged in order, so results
-// don't depend on scheduling. ATen's GEMM runs
-// single-threaded inside the slots (MKL/OpenBLAS don't nest inside an OpenMP region), and on
-// all threads where a whole small batch is one tile (one slot, run by the caller).
+// written into a per-thread buffer of about kTileElements and multiplied through at::mm (ATen's
+// BLAS; why not oneDNN's 1x1 convolution: below bottleneck_format), so the only transient the
+// size of the input is one tile per thread. Tiles are split into one contiguous slot per thread;
+// each slot keeps its partial sums (and weight gradient) and the slots are merged in order, so
+// results don't depend on scheduling. ATen's GEMM runs single-threaded inside the slots
+// (MKL/OpenBLAS don't nest inside an OpenMP region), and on all threads where a whole small batch
+// is one tile (one slot, run by the caller).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -142,7 +142,8 @@ constexpr int64_t kChannelsLastMinOutChannels = 64;
 // oneDNN (DenseNet-121's, forward and backward at batch 8: 1.1x and 1.4x faster at 56x56 than NCHW,
 // 1.3x and 2.8x at 28x28); the tiles' GEMMs write it as the transposed product, and the conv1x1
 // backward's tiles of grad_z come pixel-major. (DenseNet-BC k=12's 48-channel bottlenecks stay
-// NCHW, as measured when the rule was made.) A rule of dtype and channels only, so the fake
+// NCHW: the threshold dates from oneDNN's GEMMs and was not measured again with MKL's.) A rule
+// of dtype and channels only, so the fake
 // implementation (densenet_fast/ops/extension_ops.py) states the same strides whatever the thread
 // count.
 at::MemoryFormat bottleneck_format(at::ScalarType dtype, int64_t out_channels) {

@@ -181,9 +181,12 @@ std::tuple<Tensor, Tensor> moments_to_stats(const std::vector<Moments<double>>& 
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "moments_to_stats", [&] {
     scalar_t* m = mean.mutable_data_ptr<scalar_t>();
     scalar_t* v = var.mutable_data_ptr<scalar_t>();
+    // No value (a fused op on an empty batch): NaN, the mean and variance torch gives of nothing.
+    const scalar_t none = std::numeric_limits<scalar_t>::quiet_NaN();
     for (int64_t c = 0; c < channels; ++c) {
-      m[c] = static_cast<scalar_t>(moments[c].mean);
-      v[c] = static_cast<scalar_t>(moments_variance(moments[c]));
+      const bool empty = moments[c].count <= 0;
+      m[c] = empty ? none : static_cast<scalar_t>(moments[c].mean);
+      v[c] = empty ? none : static_cast<scalar_t>(moments_variance(moments[c]));
     }
   });
   return {mean, var};

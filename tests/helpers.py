@@ -349,12 +349,11 @@ def _assert_result_close(got, want, own, case: OpCase, what: str) -> None:
         known = ~want.isnan()
         want, err = want[known], (got.double() - want).abs()[known]
         own_err = (own.double()[known] - want).abs().max() if want.numel() else 0.0
-        factor = HALF_ERROR_FACTOR
-        bound = factor * own_err + floor_atol + floor_rtol * want.abs()
+        bound = HALF_ERROR_FACTOR * own_err + floor_atol + floor_rtol * want.abs()
         worst = (err - bound).argmax() if err.numel() else None
         assert worst is None or err[worst] <= bound[worst], (
             f"{what}: error {err[worst].item():.3g} against float64 at a value of {want[worst].item():.3g}, more "
-            f"than {factor} x PyTorch's own {_param_id(case.dtype)} error {float(own_err):.3g} + floor")
+            f"than {HALF_ERROR_FACTOR} x PyTorch's own {_param_id(case.dtype)} error {float(own_err):.3g} + floor")
 
 
 def check_op(case: OpCase, op: str, *args, **kwargs):

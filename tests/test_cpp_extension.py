@@ -485,22 +485,29 @@ def test_composite_chunks_are_few_and_exact(monkeypatch):
             assert_close(actual, want, 1e-12, 1e-12)
 
 
-
-
 @pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "pool"])
 def test_empty_batch(kind):
-    """The fused CPU ops on a batch of no image: an empty output and zero weight gradient and
-    reductions, as the reference gives (they divided by zero in their tiling before: SIGFPE)."""
+    """The fused CPU ops on a batch of no image, against the reference: empty outputs, NaN
+    statistics (the mean and variance of nothing, as torch gives), zero weight gradient and
+    reductions. The conv1x1 and pooling ops divided by zero in their tiling before (SIGFPE) and
+    the statistics were 0; conv3x3 never tiled."""
     shape = (0, 13, 6, 5)
     x = buffer_slice(shape, torch.float64, "nchw", seed=84)
     scale, shift, _ = channel_vectors(shape[1], torch.float64, seed=85)
     w = weight(7, shape[1], 3 if kind == "conv3x3" else 1, torch.float64, seed=86)
     if kind == "pool":
-        out = CppBackend().bn_relu_pool_conv1x1(x, scale, shift, w)
-        assert out.shape == (0, 7, 3, 2)
+        got = (CppBackend().bn_relu_pool_conv1x1(x, scale, shift, w),)
+        want = (reference.bn_relu_pool_conv1x1(x, scale, shift, w),)
     elif kind == "conv1x1":
-        z, _, _ = CppBackend().bn_relu_conv1x1(x, scale, shift, w, False)
-        assert z.shape == (0, 7, 6, 5)
+        got = CppBackend().bn_relu_conv1x1(x, scale, shift, w, True)
+        want = reference.bn_relu_conv1x1(x, scale, shift, w, True)
+    else:
+        out, out_ref = (torch.empty((0, 7, 6, 5), dtype=torch.float64) for _ in range(2))
+        got = (out, *CppBackend().bn_relu_conv3x3(x, scale, shift, w, out, None, True))
+        want = (out_ref, *reference.bn_relu_conv3x3(x, scale, shift, w, out_ref, None, True))
+    for actual, expected in zip(got, want, strict=True):  # the output, and its mean and variance
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, equal_nan=True)
     for accumulate in (False, True):
         assert_backward_close(*run_backward(CppBackend(), kind, torch.float64, "nchw", shape, accumulate, seed=87,
                                             out_channels=7), 1e-10, 1e-9)

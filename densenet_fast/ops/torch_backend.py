@@ -8,8 +8,9 @@ image at a time; contiguous tensors (bottlenecks, whole buffers) go in larger ch
 Each elementwise step is one ATen kernel chosen for the fewest passes over memory:
 ``batch_norm`` in inference form computes ``x * scale + shift`` (running mean 0, variance 1, eps 0),
 ``threshold_backward`` applies the ReLU mask, ``native_batch_norm_backward`` in inference form gives
-``sum(dy)`` and ``sum(dy * (x - center))`` in one pass, and ``batch_norm_update_stats`` gives a
-tensor's channel statistics. 1x1 convolutions are plain GEMMs over each image's (C, H*W) matrix.
+``sum(dy)`` and ``sum(dy * (x - center))`` in one pass (half ``dy`` apart: float32 sums), and
+``batch_norm_update_stats`` gives a tensor's channel statistics. 1x1 convolutions are plain GEMMs
+over each image's (C, H*W) matrix.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def _conv1x1_backward(grad_out: Tensor, y: Tensor, weight: Tensor, grad_w: Optio
 
 def _into(grad_x: Tensor, dy: Tensor, scale4: Tensor, accumulate: bool) -> None:
     """``grad_x = scale * dy``, or with ``accumulate`` ``grad_x += scale * dy``, in the dtype of the
-    two factors' promotion (float32 for half ``dy``), rounded once into ``grad_x``."""
+    two factors' promotion (float32 for half ``dy``), rounded once into ``grad_x`` (on CPU through a
+    float32 temporary of the chunk)."""
     if accumulate:
         grad_x.addcmul_(dy, scale4)
     else:
@@ -113,7 +115,8 @@ def _finish_dy(dy: Tensor, y: Tensor, x: Tensor, center: Tensor, ones: Tensor, s
     torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=dy)
     if dy.dtype in (torch.float16, torch.bfloat16):
         # ATen's CPU native_batch_norm_backward sums half dy in half where x is a channel slice
-        # (measured: sum(dy) 0.06 off over 175 bfloat16 values), so the sums are taken in float32.
+        # (measured: sum(dy) 0.06 off over 175 bfloat16 values), so the sums are taken in float32,
+        # on every device (CUDA's kernel was not measured): two float32 temporaries of a chunk.
         sums[0] += dy.sum((0, 2, 3), dtype=center.dtype)
         sums[1] += torch.sum(dy * (x - center[:, None, None]), (0, 2, 3), dtype=center.dtype)
         return
@@ -224,7 +227,10 @@ class TorchBackend(Backend):
     def bn_grad_finalize(self, grad_x, x, center, coef_x, coef_c, factors=None):
         if factors is not None:
             coef_x, coef_c = torch._foreach_mul(list(factors), [coef_x, coef_c])
-        # In the statistics dtype (x - center promotes to it), rounded once into a half grad_x.
+        # In the statistics dtype (x - center promotes to it), rounded once into a half grad_x;
+        # one temporary per chunk.
         center4, coef_x4, coef_c4 = (t[:, None, None] for t in (center, coef_x, coef_c))
         for s in _chunks(x):
-            grad_x[s] += torch.addcmul(coef_c4, torch.sub(x[s], center4), coef_x4)
+            term = torch.sub(x[s], center4)
+            torch.addcmul(coef_c4, term, coef_x4, out=term)
+            grad_x[s].add_(term)
