@@ -81,7 +81,7 @@ struct Tiles {
 // than that are grouped: all of them into one tile where they fit, else a tile for each thread.
 // An empty batch, or images of no unit, give no tile.
 Tiles make_tiles(int64_t units, int64_t elements_per_unit, int64_t pixels_per_unit, int64_t batch) {
-  if (units == 0 || batch == 0 || pixels_per_unit == 0) return {units, 1, 1, 0};
+  if (units == 0 || batch == 0) return {units, 1, 1, 0};
   const int64_t min_units = (kMinTilePixels + pixels_per_unit - 1) / pixels_per_unit;
   const int64_t per_tile =
       std::max<int64_t>(min_units, kTileElements / std::max<int64_t>(1, elements_per_unit));
@@ -143,9 +143,8 @@ constexpr int64_t kChannelsLastMinOutChannels = 64;
 // 1.3x and 2.8x at 28x28); the tiles' GEMMs write it as the transposed product, and the conv1x1
 // backward's tiles of grad_z come pixel-major. (DenseNet-BC k=12's 48-channel bottlenecks stay
 // NCHW: the threshold dates from oneDNN's GEMMs and was not measured again with MKL's.) A rule
-// of dtype and channels only, so the fake
-// implementation (densenet_fast/ops/extension_ops.py) states the same strides whatever the thread
-// count.
+// of dtype and channels only, so the fake implementation (densenet_fast/ops/extension_ops.py)
+// states the same strides whatever the thread count.
 at::MemoryFormat bottleneck_format(at::ScalarType dtype, int64_t out_channels) {
   return dtype == at::kFloat && out_channels >= kChannelsLastMinOutChannels ? at::MemoryFormat::ChannelsLast
                                                                             : at::MemoryFormat::Contiguous;
